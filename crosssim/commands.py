@@ -1,0 +1,102 @@
+"""Core sub-commands: synth, train, evaluate, check. Heavy modules are imported inside each handler."""
+
+from __future__ import annotations
+
+import argparse
+
+from crosssim.adapt_options import ADAPT_METHODS, TENT_LR, TENT_STEPS
+from crosssim.cli import config_from_args
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from crosssim.data.synth import generate_hospitals
+
+    summary = generate_hospitals(args.out, preset=args.preset, seed=args.seed,
+                                 images_per_site=args.images_per_site, image_size=args.image_size, progress=print)
+    print(f"wrote {len(summary.source_sites)} source sites and target {summary.target_site} "
+          f"(ground truth: {summary.target_labels})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from crosssim.centralized import train_pooled
+
+    cfg = config_from_args(args)
+    train_pooled(args.sites, cfg, args.out, cache_dir=args.cache)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from crosssim.evaluate import evaluate_site
+
+    evaluate_site(args.checkpoint, args.data, args.out, labels_csv=args.labels, cache_dir=args.cache,
+                  device_name=args.device, adapt=args.adapt, tent_steps=args.tent_steps, tent_lr=args.tent_lr,
+                  save_adapted=args.save_adapted)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from crosssim.data.check import run_check
+
+    cfg = config_from_args(args)
+    return run_check(args.folder, args.labels, cfg.data, args.json)
+
+
+def add_commands(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    synth = subparsers.add_parser(
+        "synth", help="write synthetic hospitals as DICOM folders (3 labeled sources + 1 unlabeled target)",
+        description="Write synthetic chest-radiograph-like hospitals as real DICOM files. Each site follows a "
+                    "scanner profile from configs/synth/<preset>.toml. The target folder has no labels.csv; its "
+                    "ground truth goes to OUT/target_labels.csv.")
+    synth.add_argument("out", help="output folder (created; an earlier synth output there is replaced)")
+    synth.add_argument("--preset", default="default", help="default | hard | path to a preset TOML")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed → identical files")
+    synth.add_argument("--images-per-site", type=int, help="images per site (default: from the preset)")
+    synth.add_argument("--image-size", type=int, help="longer side of every site's matrix, in pixels")
+    synth.set_defaults(handler=_synth)
+
+    train = subparsers.add_parser(
+        "train", parents=[common], help="pooled training over labeled sites (centralized bound / local-only)",
+        description="Train one model on the union of the given labeled sites (each a DICOM folder with "
+                    "labels.csv). With one site this is the local-only baseline. Writes RUN/final.pt, "
+                    "RUN/config.toml and data/training reports.")
+    train.add_argument("--sites", nargs="+", required=True, metavar="DIR", help="labeled site folders")
+    train.add_argument("--out", required=True, metavar="RUN", help="run folder for checkpoint and reports")
+    train.add_argument("--cache", metavar="DIR", help="hospital-side tensor cache (default: config cache-dir)")
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate", help="predict an (unlabeled) site; label-free estimates, shift alarms, real metrics with --labels",
+        description="Predict every DICOM image of a site with a checkpoint. Writes OUT/predictions.csv, "
+                    "OUT/metrics.json and OUT/report.html. Always: predicted vs source prevalence, confidence, "
+                    "entropy, ATC accuracy estimate with a bootstrap interval, DoC estimate and two shift alarms "
+                    "(embedding distance to the global prototypes, BatchNorm statistics drift). With --labels: "
+                    "accuracy, balanced accuracy, macro AUC, per-class sensitivity/specificity, confusion matrix, "
+                    "ECE and the error of the label-free estimates. The checkpoint file is never modified.")
+    evaluate.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt from train or a federated run")
+    evaluate.add_argument("--data", required=True, metavar="DIR", help="site folder of DICOM files")
+    evaluate.add_argument("--labels", metavar="CSV", help="ground truth 'path,label' for scoring (optional)")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for predictions, metrics and report")
+    evaluate.add_argument("--cache", metavar="DIR", help="hospital-side tensor cache")
+    evaluate.add_argument("--device", help="auto | cpu | cuda (default: the checkpoint config's device)")
+    evaluate.add_argument("--adapt", choices=ADAPT_METHODS, default="none",
+                          help="test-time adaptation of a copy of the model on the site's images: none; adabn "
+                               "(re-estimate BatchNorm statistics); tent (entropy minimization on BatchNorm "
+                               "affine parameters, then adabn). Default: none")
+    evaluate.add_argument("--tent-steps", type=int, default=TENT_STEPS, metavar="N",
+                          help=f"TENT gradient steps, one target mini-batch each (default: {TENT_STEPS})")
+    evaluate.add_argument("--tent-lr", type=float, default=TENT_LR, metavar="LR",
+                          help=f"TENT Adam learning rate (default: {TENT_LR})")
+    evaluate.add_argument("--save-adapted", metavar="FILE",
+                          help="write the adapted model as a checkpoint (needs --adapt adabn|tent; never the input)")
+    evaluate.set_defaults(handler=_evaluate)
+
+    check = subparsers.add_parser(
+        "check", parents=[common], help="scan a site folder before joining: usable images, skips, labels, privacy",
+        description="Scan a hospital's DICOM folder the way training would read it: counts by modality, "
+                    "photometric interpretation, transfer syntax and size; skipped files with reasons; label "
+                    "coverage; identifying tags. Exits 1 when nothing is usable, 2 when the folder is missing.")
+    check.add_argument("folder", help="site folder")
+    check.add_argument("--labels", metavar="CSV", help="labels file (default: FOLDER/labels.csv when present)")
+    check.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    check.set_defaults(handler=_check)

@@ -1,0 +1,289 @@
+"""One typed configuration for every CrossSim command, loaded from TOML.
+
+Sections mirror ``configs/default.toml``. Keys are kebab-case in TOML, in Flower's run-config and on the
+command line; every key is unique across sections, so a flat ``{"lr": 0.01}`` override finds its field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG_PATH = CONFIGS_DIR / "default.toml"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data contract and the one preprocessing function's settings."""
+
+    classes: tuple[str, ...] = ()  # empty: sorted union of the labels seen
+    image_size: int = 64  # pixels a side after resizing
+    normalize: str = "minmax"  # minmax (percentile clip, scale to [0,1]) | zscore
+    clip_low_percentile: float = 0.5
+    clip_high_percentile: float = 99.5
+    frame: str = "middle"  # multi-frame rule: middle | first | last | max | mean
+    voi_lut: bool = False  # apply the file's VOI LUT / window when present
+    val_fraction: float = 0.2  # of each labeled site, held out for validation
+    cache_dir: str = ""  # empty: ~/.cache/crosssim
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """MONAI augmentation applied to training batches only."""
+
+    augment: bool = True
+    rotate_deg: float = 10.0
+    zoom_fraction: float = 0.1
+    flip_probability: float = 0.5
+    contrast_gamma: float = 0.3  # gamma in [1-g, 1+g]
+    intensity_shift: float = 0.1
+    noise_std: float = 0.03
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "seed-cnn"  # seed-cnn | resnet18 | densenet121
+    embedding_dim: int = 128
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12  # pooled/local training epochs
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | plateau | constant
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA only
+    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The similarity term and the federated strategy."""
+
+    strategy: str = "crosssim"  # crosssim | fedavg | fedprox | fedbn
+    similarity: str = "infonce"  # infonce | contrastive
+    lambda_sim: float = 0.5
+    temperature: float = 0.1  # infonce
+    margin: float = 1.0  # contrastive, in embedding distance
+    lambda_warmup: int = 1  # rounds (or epochs when pooled) over which lambda ramps up once prototypes exist
+    min_count: int = 5  # a class with fewer samples at a site sends no prototype
+    prototype_noise_std: float = 0.0  # Gaussian noise added to each sent prototype
+    proximal_mu: float = 0.01  # fedprox only
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    local_epochs: int = 2
+    min_sites: int = 3
+    fraction_train: float = 1.0
+    update_dtype: str = "float32"  # float32 | float16 on the wire
+    round_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class CrossSimConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+SECTIONS = ("data", "augment", "model", "train", "method", "federation")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_index() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Map each kebab-case key to (section or None for top level, field)."""
+    index: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for top in fields(CrossSimConfig):
+        if top.name in SECTIONS:
+            for f in fields(top.default_factory()):  # type: ignore[misc]
+                key = _kebab(f.name)
+                assert key not in index, f"config key {key} is not unique"
+                index[key] = (top.name, f)
+        else:
+            index[_kebab(top.name)] = (None, top)
+    return index
+
+
+FIELD_INDEX = _field_index()
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a TOML/run-config/CLI value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+        return type(default)(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key '{key}': cannot use {value!r} as {type(default).__name__}") from exc
+
+
+def apply_overrides(cfg: CrossSimConfig, overrides: Mapping[str, Any]) -> CrossSimConfig:
+    """Return a copy of ``cfg`` with flat kebab-case (or snake_case) keys replaced."""
+    per_section: dict[str | None, dict[str, Any]] = {}
+    for raw_key, value in overrides.items():
+        key = _kebab(raw_key.split(".")[-1])
+        if key not in FIELD_INDEX:
+            raise ConfigError(f"unknown config key '{raw_key}' (known: {', '.join(sorted(FIELD_INDEX))})")
+        section, f = FIELD_INDEX[key]
+        current = getattr(cfg, f.name) if section is None else getattr(getattr(cfg, section), f.name)
+        per_section.setdefault(section, {})[f.name] = _coerce(key, value, current)
+    top_changes = dict(per_section.pop(None, {}))
+    for section, changes in per_section.items():
+        top_changes[section] = dataclasses.replace(getattr(cfg, section), **changes)
+    cfg = dataclasses.replace(cfg, **top_changes)
+    validate(cfg)
+    return cfg
+
+
+def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, Mapping):
+            if key not in SECTIONS:
+                raise ConfigError(f"unknown config section [{key}] (known: {', '.join(SECTIONS)})")
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> CrossSimConfig:
+    """Defaults from ``configs/default.toml``, then ``path`` (if given), then flat ``overrides``."""
+    cfg = CrossSimConfig()
+    for source in (DEFAULT_CONFIG_PATH, path):
+        if source is None:
+            continue
+        source = Path(source)
+        if not source.is_file() and source == DEFAULT_CONFIG_PATH:
+            continue  # installed without the configs folder: dataclass defaults stand
+        try:
+            doc = tomllib.loads(source.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+        try:
+            cfg = apply_overrides(cfg, _flatten_toml(doc))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return apply_overrides(cfg, overrides or {})
+
+
+def validate(cfg: CrossSimConfig) -> None:
+    choices = {
+        "normalize": (cfg.data.normalize, ("minmax", "zscore")),
+        "frame": (cfg.data.frame, ("middle", "first", "last", "max", "mean")),
+        "backbone": (cfg.model.backbone, ("seed-cnn", "resnet18", "densenet121")),
+        "schedule": (cfg.train.schedule, ("cosine", "plateau", "constant")),
+        "strategy": (cfg.method.strategy, ("crosssim", "fedavg", "fedprox", "fedbn")),
+        "similarity": (cfg.method.similarity, ("infonce", "contrastive")),
+        "update-dtype": (cfg.federation.update_dtype, ("float32", "float16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+    if cfg.data.image_size < 8:
+        raise ConfigError("config key 'image-size': must be at least 8 pixels")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("config key 'val-fraction': must be in [0, 1)")
+    if cfg.method.min_count < 1:
+        raise ConfigError("config key 'min-count': must be at least 1")
+
+
+def to_nested(cfg: CrossSimConfig) -> dict[str, Any]:
+    """Config as nested kebab-case dict, the shape of ``configs/default.toml``."""
+    out: dict[str, Any] = {}
+    for top in fields(cfg):
+        value = getattr(cfg, top.name)
+        if top.name in SECTIONS:
+            out[top.name] = {_kebab(f.name): _plain(getattr(value, f.name)) for f in fields(value)}
+        else:
+            out[_kebab(top.name)] = value
+    return out
+
+
+def to_flat(cfg: CrossSimConfig) -> dict[str, Any]:
+    """Config as one flat kebab-case dict (Flower run-config shape)."""
+    flat: dict[str, Any] = {}
+    for key, value in to_nested(cfg).items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps_toml(cfg: CrossSimConfig) -> str:
+    lines: list[str] = []
+    nested = to_nested(cfg)
+    for key, value in nested.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: CrossSimConfig, path: str | Path) -> Path:
+    """Write the effective config next to a run's outputs (the run's record of what it did)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps_toml(cfg))
+    return path
+
+
+def preprocessing_hash(data: DataConfig) -> str:
+    """Stable hash of the fields that change a preprocessed tensor (the cache key)."""
+    relevant = {k: _plain(v) for k, v in dataclasses.asdict(data).items()
+                if k not in ("classes", "val_fraction", "cache_dir")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
