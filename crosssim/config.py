@@ -39,12 +39,12 @@ class AugmentConfig:
     """MONAI augmentation applied to training batches only."""
 
     augment: bool = True
-    rotate_deg: float = 10.0
-    zoom_fraction: float = 0.1
+    rotate_deg: float = 5.0
+    zoom_fraction: float = 0.05
     flip_probability: float = 0.5
-    contrast_gamma: float = 0.3  # gamma in [1-g, 1+g]
-    intensity_shift: float = 0.1
-    noise_std: float = 0.03
+    contrast_gamma: float = 0.2  # gamma in [1-g, 1+g]
+    intensity_shift: float = 0.05
+    noise_std: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12  # pooled/local training epochs
+    epochs: int = 20  # pooled/local training epochs
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | plateau | constant
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -82,7 +82,7 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = 5
+    rounds: int = 10
     local_epochs: int = 2
     min_sites: int = 3
     fraction_train: float = 1.0

@@ -76,13 +76,13 @@ LUNG_SHIFT_Y_MM = 8.0
 # Attenuation units: full soft-tissue thickness of the body is 1.
 LUNG_AIR_ATTENUATION = 0.6
 RIB_ATTENUATION = 0.08
-LESION_ATTENUATION = (0.2, 0.45)  # peak added by any lesion, same for every class
-LUNG_TEXTURE_ATTENUATION = 0.06  # std of the vessel-like mottling over the lungs (present in every class)
+LESION_ATTENUATION = (0.3, 0.55)  # peak added by any lesion, same for every class
+LUNG_TEXTURE_ATTENUATION = 0.04  # std of the vessel-like mottling over the lungs (present in every class)
 LUNG_TEXTURE_GRAIN_MM = 4.0  # its correlation length
 MAX_ATTENUATION = 1.35  # displayed as full white
 
 # Lesion geometry.
-NODULE_RADIUS_MM = (8.0, 15.0)
+NODULE_RADIUS_MM = (10.0, 16.0)
 MASS_RADIUS_MM = (18.0, 38.0)
 MASS_LOBULATION = 0.15  # max amplitude of each angular harmonic of the mass outline
 MASS_HARMONICS = (2, 3, 4, 5)
