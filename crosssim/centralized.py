@@ -15,7 +15,7 @@ from crosssim.data.sites import SiteData, SiteError, load_site, read_labels_csv,
 from crosssim.fileio import atomic_write_text
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, compute_prototypes
-from crosssim.shift import shift_figures
+from crosssim.shift import site_averaged_figures
 from crosssim.train import (configure_threads, infer, lambda_for_step, resolve_device, seed_everything,
                             train_local)
 
@@ -95,8 +95,10 @@ def train_pooled(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out_dir: 
     reference_x, reference_y = (val_x, val_y) if len(val_y) else (train_x, train_y)
     probs, _ = infer(model, reference_x, device)
     protos = prototypes_of(model, train_x, train_y, len(classes), cfg.method.min_count, device)
+    part = 1 if len(val_y) else 0  # each site's share of reference_x: its validation split, else its training split
+    per_site = [site.images[site.split(cfg.data.val_fraction, cfg.seed + i)[part]] for i, site in enumerate(sites)]
     source = SourceStats.from_predictions(probs, reference_y, train_y, len(classes),
-                                          shift_figures(model, reference_x, protos, device))
+                                          site_averaged_figures(model, per_site, protos, device))
     ckpt = Checkpoint(model.state_dict(), cfg, list(classes), protos, source, kind="pooled",
                       extra={"sites": [s.name for s in sites]})
     path = save_checkpoint(ckpt, out_dir / "final.pt")

@@ -6,7 +6,7 @@ import numpy as np
 
 ATC_BOOTSTRAP_REPLICATES = 1000
 ATC_INTERVAL_LEVEL = 0.95
-CONFIDENCE_BINS = 100  # histogram resolution of source validation confidences (ATC threshold precision)
+CONFIDENCE_BINS = 1000  # histogram resolution of source validation confidences (ATC threshold precision)
 ECE_BINS = 15
 
 

@@ -1,0 +1,190 @@
+"""`crosssim evaluate`: predictions, label-free estimates, shift alarms and (with ground truth) real metrics.
+
+Writes ``predictions.csv``, ``metrics.json`` and ``report.html`` to the output folder. The checkpoint
+file is only read: adaptation works on a copy, saved elsewhere on request.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosssim.adapt import adapt_copy
+from crosssim.adapt_options import TENT_LR, TENT_STEPS
+from crosssim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from crosssim.data.sites import SiteData, load_labels_for, load_site
+from crosssim.fileio import atomic_write_text
+from crosssim.metrics import (ATC_INTERVAL_LEVEL, accuracy, atc_estimate, atc_interval, atc_threshold,
+                              balanced_accuracy, confusion_matrix, doc_estimate, entropy,
+                              expected_calibration_error, macro_auc, per_class_sensitivity_specificity)
+from crosssim.report import ReportData, write_report
+from crosssim.shift import shift_alarms, shift_figures
+from crosssim.train import infer, resolve_device, seed_everything
+
+Progress = Callable[[str], None] | None
+
+
+def label_free_metrics(probs: np.ndarray, ckpt: Checkpoint, target_figures: dict[str, float]) -> dict[str, Any]:
+    """What can be said without labels: prevalence, confidence, entropy, ATC/DoC estimates and shift alarms.
+
+    ``target_figures`` are ``crosssim.shift.shift_figures`` of the checkpoint's (unadapted) model on the
+    target; the alarms compare them with the checkpoint's source reference.
+    """
+    confidence = probs.max(1)
+    predicted = probs.argmax(1)
+    block: dict[str, Any] = {
+        "n_images": int(len(probs)),
+        "predicted_prevalence": _per_class(np.bincount(predicted, minlength=len(ckpt.classes)) / len(probs),
+                                           ckpt.classes),
+        "mean_confidence": float(confidence.mean()),
+        "mean_entropy": float(entropy(probs).mean()),
+    }
+    source = ckpt.source
+    if source is not None:
+        threshold = atc_threshold(source.confidence_histogram, source.accuracy)
+        block.update({
+            "source_prevalence": _per_class(source.prevalence, ckpt.classes),
+            "source_val_accuracy": source.accuracy,
+            "source_val_mean_confidence": source.mean_confidence,
+            "atc_threshold": threshold,
+            "atc_estimated_accuracy": atc_estimate(confidence, threshold),
+            "atc_interval": list(atc_interval(confidence, source.confidence_histogram, source.accuracy,
+                                              source.count, seed=ckpt.config.seed)),
+            "atc_interval_level": ATC_INTERVAL_LEVEL,
+            "doc_estimated_accuracy": doc_estimate(confidence, source.mean_confidence, source.accuracy),
+        })
+    alarms = shift_alarms(target_figures, {} if source is None else source.shift_reference)
+    block["shift_alarms"] = alarms
+    block["alarms_flagged"] = [name for name, alarm in alarms.items() if alarm["flagged"]]
+    return block
+
+
+def labeled_metrics(probs: np.ndarray, y_true: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Metrics against ground truth: accuracy, balanced accuracy, macro AUC, ECE, per class, confusion."""
+    predicted = probs.argmax(1)
+    confidence = probs.max(1)
+    return {
+        "accuracy": accuracy(y_true, predicted),
+        "balanced_accuracy": balanced_accuracy(y_true, predicted, len(classes)),
+        "macro_auc": macro_auc(y_true, probs),
+        "ece": expected_calibration_error(confidence, predicted == y_true),
+        "per_class": per_class_sensitivity_specificity(y_true, predicted, classes),
+        "confusion_matrix": {"classes": classes,
+                             "rows_true_cols_pred": confusion_matrix(y_true, predicted, len(classes)).tolist()},
+    }
+
+
+def estimate_errors(label_free: dict[str, Any], labeled: dict[str, Any]) -> dict[str, float]:
+    """Signed error (estimate − true accuracy) of each label-free accuracy estimate."""
+    return {f"{name}_estimate_error": float(label_free[f"{name}_estimated_accuracy"] - labeled["accuracy"])
+            for name in ("atc", "doc") if f"{name}_estimated_accuracy" in label_free}
+
+
+def _per_class(values: np.ndarray, classes: list[str]) -> dict[str, float]:
+    return {c: float(v) for c, v in zip(classes, values)}
+
+
+def predictions_csv(site: SiteData, probs: np.ndarray, classes: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "pred", "confidence", *[f"p_{c}" for c in classes]])
+    for rel, row in zip(site.paths, probs):
+        writer.writerow([rel, classes[int(row.argmax())], f"{row.max():.6f}", *[f"{p:.6f}" for p in row]])
+    return buffer.getvalue()
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/inf floats by None (JSON has no NaN) throughout nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def save_adapted_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, path: str | Path,
+                            adaptation: dict[str, Any]) -> Path:
+    """Write the adapted model in the checkpoint format, atomically, recording how it was adapted."""
+    adapted = Checkpoint({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt.config,
+                         ckpt.classes, ckpt.prototypes, ckpt.source, round=ckpt.round, kind=ckpt.kind,
+                         extra={**ckpt.extra, "adapted": adaptation})
+    return save_checkpoint(adapted, path)
+
+
+def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: str | Path, *,
+                  labels_csv: str | Path | None = None, cache_dir: str | Path | None = None,
+                  device_name: str | None = None, adapt: str = "none", tent_steps: int = TENT_STEPS,
+                  tent_lr: float = TENT_LR, save_adapted: str | Path | None = None,
+                  progress: Progress = print) -> dict[str, Any]:
+    """Predict every image of ``data_dir`` (after optional adaptation); write predictions, metrics, report."""
+    if save_adapted is not None and adapt == "none":
+        raise ValueError("--save-adapted needs --adapt adabn or tent")
+    if save_adapted is not None and Path(save_adapted).resolve() == Path(checkpoint_path).resolve():
+        raise ValueError(f"{save_adapted}: --save-adapted must not overwrite the source checkpoint")
+    ckpt = load_checkpoint(checkpoint_path)
+    device = resolve_device(device_name or ckpt.config.train.device)
+    site = load_site(data_dir, ckpt.config.data, labeled=False, classes=ckpt.classes, cache_dir=cache_dir)
+    if progress:
+        progress(site.report.summary())
+        for line in site.report.skipped_lines():
+            progress(line)
+    y_true = None if labels_csv is None else load_labels_for(site, labels_csv).numpy()
+    seed_everything(ckpt.config.seed)
+    source_model = ckpt.build_model()
+    target_figures = shift_figures(source_model, site.images, ckpt.prototypes, device)
+    adaptation: dict[str, Any] = {"method": adapt, "site": site.name, "source_checkpoint": str(checkpoint_path)}
+    if adapt == "tent":
+        adaptation.update({"tent_steps": tent_steps, "tent_lr": tent_lr})
+    model = adapt_copy(source_model, site.images, adapt, device, tent_steps=tent_steps, tent_lr=tent_lr,
+                       seed=ckpt.config.seed)
+    if save_adapted is not None:
+        adaptation["saved_to"] = str(save_adapted_checkpoint(ckpt, model, save_adapted, dict(adaptation)))
+    probs_t, embeddings_t = infer(model, site.images, device)
+    probs = probs_t.numpy()
+    metrics: dict[str, Any] = {"checkpoint": str(checkpoint_path), "site": site.name, "adaptation": adaptation,
+                               "label_free": label_free_metrics(probs, ckpt, target_figures),
+                               "data_report": site.report.to_dict()}
+    if y_true is not None:
+        labeled = labeled_metrics(probs, y_true, ckpt.classes)
+        labeled.update(estimate_errors(metrics["label_free"], labeled))
+        metrics["labeled"] = labeled
+    metrics = json_safe(metrics)
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "predictions.csv", predictions_csv(site, probs, ckpt.classes))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    write_report(out_dir / "report.html", ReportData(metrics, ckpt.classes, site.paths, site.images, probs,
+                                                     embeddings_t.numpy(), ckpt.prototypes, ckpt.source, y_true))
+    if progress:
+        progress(summary_line(metrics))
+        progress(f"wrote predictions.csv, metrics.json and report.html to {out_dir}")
+    return metrics
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line for the console: size, adaptation, ATC estimate with interval, alarms, true metrics."""
+    free = metrics["label_free"]
+    line = f"{metrics['site']}: {free['n_images']} images, mean confidence {free['mean_confidence']:.3f}"
+    if metrics["adaptation"]["method"] != "none":
+        line += f" (adapted: {metrics['adaptation']['method']})"
+    if free.get("atc_estimated_accuracy") is not None:
+        low, high = free["atc_interval"]
+        line += f", estimated accuracy (ATC) {free['atc_estimated_accuracy']:.3f}"
+        if low is not None:
+            line += f" [{low:.3f}, {high:.3f}]"
+    if free["alarms_flagged"]:
+        line += f", SHIFT ALARM: {', '.join(free['alarms_flagged'])}"
+    if "labeled" in metrics:
+        lab = metrics["labeled"]
+        line += (f" | accuracy {lab['accuracy']:.3f}, balanced {lab['balanced_accuracy']:.3f}, "
+                 f"macro AUC {lab['macro_auc'] or float('nan'):.3f}")
+    return line

@@ -1,0 +1,128 @@
+"""`crosssim server`: a Flower SuperLink plus `flwr run` of this app, streamed until the run ends.
+
+Raw Flower equivalent (printed by ``--dry-run``)::
+
+    flower-superlink --insecure --host H --port P --disable-runtime-dependency-installation
+    FLWR_HOME=RUN/.flwr flwr run APP_ROOT crosssim --stream --run-config 'out=… config-file=…'
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from crosssim.config import CrossSimConfig, save_config
+from server.processes import (Children, describe_command, flower_env, key_values,
+                              local_address, stop_on_sigterm, toml_string, wait_for_port)
+
+DEFAULT_HOST = "127.0.0.1"  # loopback only; 0.0.0.0 accepts hospitals on other machines
+DEFAULT_SUPERLINK_PORT = 8000  # Flower's default: one HTTP port for the Fleet, Control and Runtime APIs
+SUPERLINK_START_TIMEOUT_S = 60.0
+CONNECTION_NAME = "crosssim"  # the SuperLink connection `flwr run` uses, in RUN/.flwr/config.toml
+FLWR_HOME_DIRNAME = ".flwr"
+SUPERLINK_LOG_NAME = "superlink.log"
+FLWR_CONFIG_NAME = "config.toml"
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address the SuperLink binds (default {DEFAULT_HOST}; 0.0.0.0 for remote hospitals)")
+    parser.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT,
+                        help=f"SuperLink port for hospitals and `flwr` (default {DEFAULT_SUPERLINK_PORT})")
+    parser.add_argument("--min-sites", type=int, metavar="K", help="hospitals to wait for before each round "
+                        "(overrides the config's min-sites)")
+    parser.add_argument("--app", metavar="DIR", help="Flower app root (default: this CrossSim checkout)")
+    security = parser.add_argument_group("transport security")
+    security.add_argument("--insecure", action="store_true", default=True,
+                          help="plain HTTP (the default until TLS certificates are given)")
+    security.add_argument("--ssl-ca-certfile", metavar="FILE", help="CA certificate (enables TLS with the two below)")
+    security.add_argument("--ssl-certfile", metavar="FILE", help="SuperLink certificate (its SAN must cover --host)")
+    security.add_argument("--ssl-keyfile", metavar="FILE", help="SuperLink private key")
+    parser.add_argument("--dry-run", action="store_true", help="print the raw Flower commands and exit")
+
+
+def default_app_root() -> Path:
+    """The checkout holding pyproject.toml with [tool.flwr.app] (CrossSim is installed editable)."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise RuntimeError(f"no Flower app found at {root}; pass --app DIR (the CrossSim source checkout)")
+    return root
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[str, str, str] | None:
+    files = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
+    if not any(files):
+        return None
+    if not all(files):
+        raise ValueError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
+    return files
+
+
+def superlink_command(args: argparse.Namespace) -> list[str]:
+    tls = _tls_files(args)
+    security = ["--insecure"] if tls is None else \
+        ["--ssl-ca-certfile", tls[0], "--ssl-certfile", tls[1], "--ssl-keyfile", tls[2]]
+    # Without this flag the SuperLink would `uv sync` the app's dependencies (i.e. download torch).
+    return ["flower-superlink", *security, "--host", args.host, "--port", str(args.port),
+            "--disable-runtime-dependency-installation"]
+
+
+def flwr_config_text(args: argparse.Namespace) -> str:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink connection `flwr run` submits to."""
+    tls = _tls_files(args)
+    security = "insecure = true" if tls is None else f"root-certificates = {toml_string(str(Path(tls[0]).resolve()))}"
+    address = f"{local_address(args.host)}:{args.port}"
+    return (f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n[superlink.{CONNECTION_NAME}]\n'
+            f'address = "{address}"\n{security}\n')
+
+
+def run_command(args: argparse.Namespace, app_root: Path, out: Path) -> list[str]:
+    """`flwr run` with the run folder and its config file as run-config overrides (keys in pyproject)."""
+    from server.app import CONFIG_FILE_KEY, OUT_KEY, RESUME_KEY
+    from server.store import CONFIG_NAME
+
+    overrides = {OUT_KEY: str(out), CONFIG_FILE_KEY: str(out / CONFIG_NAME), RESUME_KEY: bool(args.resume)}
+    return ["flwr", "run", str(app_root), CONNECTION_NAME, "--stream",
+            "--run-config", key_values(overrides)]
+
+
+def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
+    """Start the SuperLink, submit the run, stream it, stop everything; 0 when final.pt was written."""
+    from server.store import CONFIG_NAME, FINAL_NAME
+
+    out = Path(args.out).resolve()
+    flwr_home = out / FLWR_HOME_DIRNAME
+    app_root = Path(args.app).resolve() if args.app else default_app_root()
+    superlink, flwr_run = superlink_command(args), run_command(args, app_root, out)
+    env = {"FLWR_HOME": str(flwr_home)}
+    if args.dry_run:
+        print(f"# {flwr_home / FLWR_CONFIG_NAME}\n{flwr_config_text(args)}")
+        print(describe_command(superlink, env))
+        print(describe_command(flwr_run, env))
+        return 0
+    started = time.time()
+    save_config(cfg, out / CONFIG_NAME)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / FLWR_CONFIG_NAME).write_text(flwr_config_text(args))
+    stop_on_sigterm()
+    children = Children()
+    try:
+        with open(out / SUPERLINK_LOG_NAME, "a") as log:
+            link = children.start(superlink, flower_env(env), log)
+            wait_for_port(local_address(args.host), args.port, SUPERLINK_START_TIMEOUT_S, link, "flower-superlink")
+            print(f"SuperLink listening on {args.host}:{args.port} (log: {out / SUPERLINK_LOG_NAME}); hospitals join "
+                  f"with: crosssim client --superlink HOST:{args.port} --data DIR --site NAME", flush=True)
+            print(f"waiting for {cfg.federation.min_sites} site(s), then {cfg.federation.rounds} round(s) of "
+                  f"{cfg.method.strategy}", flush=True)
+            code = children.start(flwr_run, flower_env(env)).wait()
+    finally:
+        children.stop_all()
+    final = out / FINAL_NAME
+    if code != 0 or not final.is_file() or final.stat().st_mtime < started:
+        print(f"crosssim server: the run did not finish (flwr run exit code {code}; see the log above and "
+              f"{out / SUPERLINK_LOG_NAME})")
+        return 1
+    print(f"done: {final}")
+    return 0

@@ -1,0 +1,193 @@
+"""CrossSimStrategy: Flower's FedAvg (FedProx for strategy=fedprox) plus prototypes, FedBN and checkpoints.
+
+Per round, in Flower's order: ``configure_train`` (round LR and λ, global prototypes) → ``aggregate_train``
+(count-weighted prototypes taken out of each reply, then FedAvg averages the one ArrayRecord left) →
+``configure_evaluate`` → ``aggregate_evaluate`` (pooled validation summaries = the ATC reference) →
+``finish_round`` (passed as ``evaluate_fn``: checkpoint, JSON line, progress line).
+
+``update-dtype = float16``: weights travel as float16 both ways; replies are cast to float32 before FedAvg
+averages them, and the global state and checkpoints stay float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from crosssim.checkpoint import Checkpoint, SourceStats
+from crosssim.config import CrossSimConfig
+from crosssim.federated import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS, METRICS_RECORD,
+                                NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, from_wire, merge_state,
+                                prototypes_from_arrays, prototypes_to_arrays, round_schedule, source_stats,
+                                to_wire)
+from crosssim.model import batchnorm_state_keys, build_model
+from crosssim.prototypes import Prototypes, aggregate_prototypes
+from server.store import RunStore
+
+Progress = Callable[[str], None]
+
+
+def scalar_metrics_average(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Flower's weighted average, keeping scalars only (histograms and counts go to SourceStats instead)."""
+    averaged = aggregate_metricrecords(records, weighted_by_key)
+    return MetricRecord({k: v for k, v in averaged.items() if not isinstance(v, list)})
+
+
+def _split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
+    ok, errors = [], []
+    for msg in replies:
+        if msg.has_error():
+            errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+        else:
+            ok.append(msg)
+    return ok, errors
+
+
+class CrossSimMixin:
+    """The CrossSim additions; mixed in front of FedAvg or FedProx (see ``build_strategy``)."""
+
+    def __init__(self, *, cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
+                 store: RunStore, round_offset: int = 0, prototypes: Prototypes | None = None,
+                 progress: Progress = print, **flower_kwargs: Any) -> None:
+        super().__init__(**flower_kwargs)
+        self.cfg, self.classes, self.store, self.progress = cfg, classes, store, progress
+        self.global_state = dict(global_state)
+        self.round_offset = round_offset
+        self.prototypes = prototypes
+        model = build_model(cfg.model, len(classes))
+        self.embedding_dim = model.embedding_dim
+        self.local_keys = batchnorm_state_keys(model) if cfg.method.strategy == "fedbn" else set()
+        self.source: SourceStats | None = None
+        self.last_checkpoint: Checkpoint | None = None
+        self._record: dict[str, Any] = {}
+        self._started = 0.0
+
+    def global_round(self, server_round: int) -> int:
+        """Flower counts the rounds of this process from 1; a resumed run continues the run's count."""
+        return self.round_offset + server_round
+
+    def _to_wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global weights as sent to sites: floating-point tensors in ``update-dtype``."""
+        if self.cfg.federation.update_dtype == "float32":
+            return arrays
+        return ArrayRecord(to_wire(arrays.to_torch_state_dict(), self.cfg.federation.update_dtype))
+
+    def _with_prototypes(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        if self.prototypes is not None:
+            record = ArrayRecord(prototypes_to_arrays(self.prototypes))
+            for msg in messages:
+                msg.content[PROTOTYPES_RECORD] = record
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Flower's sampling and records, plus this round's LR and λ and the global prototypes."""
+        current = self.global_round(server_round)
+        lr, lambda_sim = round_schedule(self.cfg, current)
+        config[ROUND_LR], config[ROUND_LAMBDA] = lr, lambda_sim
+        self._started = time.perf_counter()
+        self._record = {"round": current, "lr": lr, "lambda": lambda_sim}
+        return self._with_prototypes(super().configure_train(current, self._to_wire(arrays), config, grid))
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Prototypes count-weighted and removed from each reply; FedAvg then averages the weights only, in float32."""
+        ok, errors = _split_replies(replies)
+        if not ok:
+            raise RuntimeError(f"round {self._record['round']}: no site finished training "
+                               f"({'; '.join(errors) or 'no reply before the round timeout'})")
+        site_prototypes = []
+        for msg in ok:
+            if self.local_keys & set(msg.content[ARRAYS_RECORD].keys()):
+                raise ValueError(f"node {msg.metadata.src_node_id} sent its FedBN-local BatchNorm layers")
+            arrays = msg.content[PROTOTYPES_RECORD].to_torch_state_dict()
+            site_prototypes.append(prototypes_from_arrays(arrays, len(self.classes), self.embedding_dim))
+            del msg.content[PROTOTYPES_RECORD]
+            msg.content[ARRAYS_RECORD] = ArrayRecord(from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict()))
+        self.prototypes = aggregate_prototypes(site_prototypes, self.prototypes)
+        averaged, metrics = super().aggregate_train(server_round, ok)
+        self.global_state = merge_state(self.global_state, averaged.to_torch_state_dict())
+        site_metrics = [msg.content[METRICS_RECORD] for msg in ok]
+        self._record.update({
+            "train_s": time.perf_counter() - self._started, "sites": len(ok), "failures": errors,
+            "examples": sum(int(m[NUM_EXAMPLES]) for m in site_metrics),
+            "train": dict(metrics or {}),
+            "train_compute_s": [float(m[COMPUTE_SECONDS]) for m in site_metrics],
+            "load_s": [float(m[LOAD_SECONDS]) for m in site_metrics],
+        })
+        return ArrayRecord(self.global_state), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._with_prototypes(super().configure_evaluate(self.global_round(server_round),
+                                                                self._to_wire(arrays), config, grid))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Scalar averages for the log; pooled histogram, accuracy and prevalence become the ATC reference."""
+        ok, errors = _split_replies(replies)
+        site_metrics = [msg.content[METRICS_RECORD] for msg in ok]
+        if ok:
+            self.source = source_stats(site_metrics)
+        metrics = super().aggregate_evaluate(server_round, ok)
+        self._record.update({"evaluate": dict(metrics or {}), "evaluate_failures": errors,
+                             "evaluate_compute_s": [float(m[COMPUTE_SECONDS]) for m in site_metrics]})
+        return metrics
+
+    def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn`` (after each round's evaluation): checkpoint, round log, progress line."""
+        if server_round == 0:
+            return None  # Flower also calls it before round 1: nothing new to save
+        current = self.global_round(server_round)
+        ckpt = Checkpoint(self.global_state, self.cfg, list(self.classes),
+                          self.prototypes or Prototypes.empty(len(self.classes), self.embedding_dim),
+                          self.source, round=current, kind="federated",
+                          extra={"strategy": self.cfg.method.strategy, "sites": self._record.get("sites", 0)})
+        path = self.store.save_round(ckpt)
+        self.last_checkpoint = ckpt
+        record = {**self._record, "wall_s": time.perf_counter() - self._started, "checkpoint": path.name}
+        self.store.log_round(record)
+        self.progress(_progress_line(record, self.cfg.federation.rounds))
+        return None
+
+
+def _progress_line(record: dict[str, Any], total_rounds: int) -> str:
+    train, evaluate = record.get("train", {}), record.get("evaluate", {})
+    compute = max(record.get("train_compute_s") or [0.0]) + max(record.get("evaluate_compute_s") or [0.0])
+    line = (f"round {record['round']}/{total_rounds}: {record['sites']} site(s), "
+            f"train loss {train.get('loss', float('nan')):.4f} acc {train.get('train-accuracy', float('nan')):.3f}"
+            f" | val acc {evaluate.get('val-accuracy', float('nan')):.3f}"
+            f" | {record['wall_s']:.1f}s (site compute {compute:.1f}s) → {record['checkpoint']}")
+    failures = record.get("failures", []) + record.get("evaluate_failures", [])
+    return line + (f" | {len(failures)} failed reply(ies), e.g. {failures[0]}" if failures else "")
+
+
+class CrossSimStrategy(CrossSimMixin, FedAvg):
+    """strategy = crosssim | fedavg | fedbn."""
+
+
+class CrossSimProxStrategy(CrossSimMixin, FedProx):
+    """strategy = fedprox (Flower's FedProx sends ``proximal-mu``; sites add the proximal term)."""
+
+
+def build_strategy(cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
+                   store: RunStore, *, num_sites: int, round_offset: int = 0,
+                   prototypes: Prototypes | None = None, progress: Progress = print) -> CrossSimMixin:
+    """The strategy for ``cfg.method.strategy``, waiting for ``num_sites`` sites before each round."""
+    kwargs: dict[str, Any] = dict(
+        cfg=cfg, classes=classes, global_state=global_state, store=store, round_offset=round_offset,
+        prototypes=prototypes, progress=progress, fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=num_sites,
+        weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS_RECORD, configrecord_key=CONFIG_RECORD,
+        train_metrics_aggr_fn=scalar_metrics_average,
+        evaluate_metrics_aggr_fn=scalar_metrics_average)
+    if cfg.method.strategy == "fedprox":
+        return CrossSimProxStrategy(proximal_mu=cfg.method.proximal_mu, **kwargs)
+    return CrossSimStrategy(**kwargs)

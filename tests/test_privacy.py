@@ -1,0 +1,102 @@
+"""What leaves a hospital: the ClientApp's replies hold weights, prototypes with counts and scalars only."""
+
+import time
+
+import pytest
+import torch
+from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from client.app import app as client_app
+from crosssim.config import load_config
+from crosssim.data.sites import load_site
+from crosssim.data.synth import generate_hospitals
+from crosssim.federated import (BATCHNORM_STATE_RECORD, CONFIDENCE_HISTOGRAM, PROTOTYPE_COUNTS, PROTOTYPE_VECTORS,
+                                ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, TRAIN_CLASS_COUNTS, LocalSite,
+                                prototypes_to_arrays, wire_config)
+from crosssim.metrics import CONFIDENCE_BINS
+from crosssim.model import batchnorm_state_keys, build_model
+from crosssim.prototypes import Prototypes
+
+IMAGE_SIZE_PX = 32
+MIN_COUNT = 3  # with 12 images a site, some classes fall under it
+TINY = {"image-size": IMAGE_SIZE_PX, "batch-size": 8, "local-epochs": 1, "min-count": MIN_COUNT, "augment": False}
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("privacy")
+    return generate_hospitals(out / "sites", images_per_site=12, image_size=IMAGE_SIZE_PX).source_sites[0]
+
+
+def _message(content: RecordDict, message_type: str) -> Message:
+    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=message_type)
+    return Message(content=content, metadata=metadata)
+
+
+def _send(site_dir, tmp_path, strategy: str, message_type: str, prototypes: Prototypes | None = None,
+          context: Context | None = None):
+    cfg = load_config(None, {**TINY, "strategy": strategy})
+    model = build_model(cfg.model, len(cfg.data.classes))
+    config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 2, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.5})
+    records = {"arrays": ArrayRecord(model.state_dict()), "config": config}
+    if prototypes is not None:
+        records["prototypes"] = ArrayRecord(prototypes_to_arrays(prototypes))
+    context = context or Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                                 node_config={"data": str(site_dir), "site": "a", "cache": str(tmp_path / "cache")})
+    reply = client_app(_message(RecordDict(records), message_type), context)
+    assert not reply.has_error()
+    return cfg, model, reply.content, context
+
+
+def _train_split(site_dir, cfg, tmp_path) -> LocalSite:
+    site = load_site(site_dir, cfg.data, labeled=True, classes=cfg.data.classes, cache_dir=tmp_path / "cache")
+    return LocalSite.from_site(site, cfg)
+
+
+@pytest.mark.parametrize("strategy", ["crosssim", "fedbn"])
+def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_path, strategy):
+    global_protos = Prototypes(torch.nn.functional.normalize(torch.randn(4, 128), dim=1), torch.tensor([5, 5, 5, 0]))
+    cfg, model, content, context = _send(site_dir, tmp_path, strategy, MessageType.TRAIN, global_protos)
+    assert set(content.keys()) == {"arrays", "prototypes", "metrics"}
+
+    expected = model.state_dict()
+    if strategy == "fedbn":
+        for key in batchnorm_state_keys(model):
+            expected.pop(key)
+        assert set(context.state[BATCHNORM_STATE_RECORD].keys()) == batchnorm_state_keys(model)
+    sent = content["arrays"].to_torch_state_dict()
+    assert {k: tuple(v.shape) for k, v in sent.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+
+    protos = content["prototypes"].to_torch_state_dict()
+    assert set(protos) == {PROTOTYPE_VECTORS, PROTOTYPE_COUNTS}
+    assert protos[PROTOTYPE_VECTORS].shape == (4, 128) and protos[PROTOTYPE_COUNTS].shape == (4,)
+
+    image_tail = (IMAGE_SIZE_PX, IMAGE_SIZE_PX)
+    assert not any(tuple(v.shape[-2:]) == image_tail for v in [*sent.values(), *protos.values()])
+    metrics = content["metrics"]
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics["sim-loss"] > 0  # the global prototypes were used (λ = 0.5)
+
+
+def test_class_under_min_count_sends_zero_vector_and_count(site_dir, tmp_path):
+    cfg, _, content, _ = _send(site_dir, tmp_path, "crosssim", MessageType.TRAIN)
+    train_counts = torch.bincount(_train_split(site_dir, cfg, tmp_path).train_y, minlength=4)
+    small = train_counts < MIN_COUNT
+    assert small.any() and (~small).any(), "the tiny site should have classes on both sides of min-count"
+    protos = content["prototypes"].to_torch_state_dict()
+    assert torch.equal(protos[PROTOTYPE_COUNTS][small], torch.zeros(int(small.sum()), dtype=torch.int64))
+    assert torch.count_nonzero(protos[PROTOTYPE_VECTORS][small]) == 0
+    assert torch.equal(protos[PROTOTYPE_COUNTS][~small], train_counts[~small])
+
+
+def test_evaluate_reply_holds_scalars_and_fixed_length_summaries(site_dir, tmp_path):
+    cfg, _, content, _ = _send(site_dir, tmp_path, "crosssim", MessageType.EVALUATE)
+    assert set(content.keys()) == {"metrics"}
+    metrics = dict(content["metrics"])
+    histogram = metrics.pop(CONFIDENCE_HISTOGRAM)
+    class_counts = metrics.pop(TRAIN_CLASS_COUNTS)
+    assert len(histogram) == CONFIDENCE_BINS and abs(sum(histogram) - 1.0) < 1e-6
+    train_counts = torch.bincount(_train_split(site_dir, cfg, tmp_path).train_y, minlength=4)
+    assert class_counts == [int(c) if c >= MIN_COUNT else 0 for c in train_counts]  # small cells suppressed
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())

@@ -1,0 +1,189 @@
+"""CrossSimStrategy: prototype aggregation, FedBN, checkpoints and resume (in-process, no Ray, no sockets)."""
+
+import json
+import time
+from collections.abc import Iterable
+
+import pytest
+import torch
+from flwr.app import DEFAULT_TTL, ArrayRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from client.app import app as client_app
+from crosssim.checkpoint import load_checkpoint
+from crosssim.config import load_config
+from crosssim.data.synth import generate_hospitals
+from crosssim.federated import BATCHNORM_STATE_RECORD, SERVER_ROUND, prototypes_to_arrays, round_schedule
+from crosssim.model import batchnorm_state_keys, build_model
+from crosssim.prototypes import Prototypes
+from server.app import ServerSettings, run_federation
+from server.store import RunStore
+from server.strategy import build_strategy
+
+TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "min-count": 2, "augment": False}
+CLASSES = ("normal", "nodule", "mass", "effusion")
+
+
+class LoopbackGrid(Grid):
+    """Hands each message to the ClientApp in this process, one Context per node; records train messages.
+
+    Only what ``Strategy.start`` uses is implemented.
+    """
+
+    def __init__(self, site_dirs, cache_dir) -> None:
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                          node_config={"data": str(d), "site": d.name, "cache": str(cache_dir)})
+            for node, d in enumerate(site_dirs, start=1)}
+        self.train_sent: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.train_configs: list[dict] = []
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.train_sent.append((int(msg.content["config"][SERVER_ROUND]),
+                                        msg.content["arrays"].to_torch_state_dict()))
+                self.train_configs.append(dict(msg.content["config"]))
+            replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+        return replies
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Flower stamps run and node ids on every message it creates; give this test process some."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    out = tmp_path_factory.mktemp("strategy")
+    return generate_hospitals(out / "sites", images_per_site=12, image_size=32).source_sites[:2]
+
+
+def _reply(node: int, state: dict, protos: Prototypes, num_examples: int) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"r-{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="m",
+                        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": ArrayRecord(state), "prototypes": ArrayRecord(prototypes_to_arrays(protos)),
+                          "metrics": MetricRecord({"num-examples": num_examples, "loss": 1.0, "compute-s": 0.1,
+                                                   "load-s": 0.0})})
+    return Message(content=content, metadata=metadata)
+
+
+def _filled(state: dict, value: float, drop: set[str] = frozenset()) -> dict:
+    return {k: torch.full_like(v, value) for k, v in state.items() if k not in drop}
+
+
+def _strategy(tmp_path, strategy: str):
+    cfg = load_config(None, {**TINY, "strategy": strategy})
+    state = build_model(cfg.model, len(CLASSES)).state_dict()
+    return build_strategy(cfg, CLASSES, state, RunStore(tmp_path), num_sites=2, progress=lambda _: None), state
+
+
+def test_prototypes_are_count_weighted_and_never_averaged_into_weights(tmp_path):
+    strategy, state = _strategy(tmp_path, "crosssim")
+    e0, e1, junk = torch.eye(128)[0], torch.eye(128)[1], torch.full((128,), 9.0)
+    site_a = Prototypes(torch.stack([e0, junk, e0, e0]), torch.tensor([3, 0, 2, 1]))  # class 1 under min-count
+    site_b = Prototypes(torch.stack([e1, e1, e1, e1]), torch.tensor([1, 4, 0, 0]))
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _filled(state, 1.0), site_a, 1),
+                                             _reply(2, _filled(state, 3.0), site_b, 3)])
+    merged = strategy.prototypes
+    assert torch.allclose(merged.vectors[0], (3 * e0 + e1) / 4)
+    assert torch.equal(merged.vectors[1], e1)  # the site that sent count 0 contributed nothing
+    assert merged.counts.tolist() == [4, 4, 2, 1]
+    averaged = arrays.to_torch_state_dict()
+    assert set(averaged) == set(state)  # weights only: no prototype tensors
+    for key, value in averaged.items():
+        assert value.dtype == state[key].dtype
+        if value.is_floating_point():
+            assert torch.allclose(value, torch.full_like(value, 2.5))  # (1·1 + 3·3) / 4, by num-examples
+
+
+def test_fedbn_never_averages_batchnorm_layers(tmp_path):
+    strategy, state = _strategy(tmp_path, "fedbn")
+    bn_keys = batchnorm_state_keys(build_model(strategy.cfg.model, len(CLASSES)))
+    protos = Prototypes.empty(len(CLASSES), 128)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _filled(state, 1.0, bn_keys), protos, 1),
+                                             _reply(2, _filled(state, 3.0, bn_keys), protos, 1)])
+    averaged = arrays.to_torch_state_dict()
+    for key in bn_keys:
+        assert torch.equal(averaged[key], state[key])  # still the server's, untouched by any site
+    assert all(torch.allclose(averaged[k], torch.full_like(averaged[k], 2.0))
+               for k in set(state) - bn_keys if averaged[k].is_floating_point())
+    with pytest.raises(ValueError, match="FedBN"):
+        strategy.aggregate_train(2, [_reply(1, _filled(state, 1.0), protos, 1)])
+
+
+def test_fedbn_round_keeps_each_sites_batchnorm_in_its_context(tmp_path, sites, flower_task):
+    cfg = load_config(None, {**TINY, "strategy": "fedbn", "rounds": 1})
+    grid = LoopbackGrid(sites, tmp_path / "cache")
+    final = load_checkpoint(run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 2), lambda _: None))
+    initial = grid.train_sent[0][1]
+    bn_keys = batchnorm_state_keys(final.build_model())
+    assert all(torch.equal(final.state_dict[k], initial[k]) for k in bn_keys)
+    local = [ctx.state[BATCHNORM_STATE_RECORD].to_torch_state_dict() for ctx in grid.contexts.values()]
+    assert all(set(bn) == bn_keys for bn in local)
+    running_mean = next(k for k in sorted(bn_keys) if k.endswith("running_mean"))
+    assert not torch.equal(local[0][running_mean], initial[running_mean])  # trained locally, kept locally
+
+
+def test_resume_continues_from_latest_with_the_same_round_counter(tmp_path, sites, flower_task):
+    run = tmp_path / "run"
+    first = LoopbackGrid(sites, tmp_path / "cache")
+    cfg = load_config(None, {**TINY, "rounds": 1})
+    run_federation(first, ServerSettings(cfg, run, False, 2), lambda _: None)  # "stopped" after round 1
+    round_1 = load_checkpoint(run / "round-0001.pt")
+
+    resumed = LoopbackGrid(sites, tmp_path / "cache")
+    final = load_checkpoint(run_federation(resumed, ServerSettings(load_config(None, {**TINY, "rounds": 2}), run,
+                                                                   True, 2), lambda _: None))
+    assert {r for r, _ in resumed.train_sent} == {2}  # remaining rounds only
+    for _, sent in resumed.train_sent:  # round 2 started from the saved state
+        assert all(torch.equal(sent[k], round_1.state_dict[k]) for k in sent)
+    round_2 = load_checkpoint(run / "round-0002.pt")
+    assert round_2.round == final.round == load_checkpoint(run / "latest.pt").round == 2
+    assert round_2.kind == "federated"
+    assert any(not torch.equal(round_2.state_dict[k], round_1.state_dict[k]) for k in round_1.state_dict)
+    assert [json.loads(line)["round"] for line in (run / "rounds.jsonl").read_text().splitlines()] == [1, 2]
+    assert final.source is not None and final.source.count > 0
+    assert abs(final.source.confidence_histogram.sum() - 1.0) < 1e-6
+    assert bool(final.prototypes.present.any())
+    assert 0.0 <= final.source.shift_reference["prototype_distance"] <= 2.0  # reference for the target's alarm
+
+
+@pytest.mark.parametrize("strategy,lambdas", [("crosssim", [0.0, 0.25, 0.5]), ("fedavg", [0.0, 0.0, 0.0]),
+                                              ("fedprox", [0.0, 0.0, 0.0]), ("fedbn", [0.0, 0.0, 0.0])])
+def test_only_crosssim_uses_the_similarity_loss_once_prototypes_exist(strategy, lambdas):
+    cfg = load_config(None, {"strategy": strategy, "lambda-sim": 0.5, "lambda-warmup": 2, "rounds": 3})
+    assert [round_schedule(cfg, r)[1] for r in (1, 2, 3)] == lambdas
+
+
+def test_fedprox_sends_mu_and_sites_add_the_proximal_term(tmp_path, sites, flower_task):
+    cfg = load_config(None, {**TINY, "strategy": "fedprox", "proximal-mu": 100.0, "rounds": 1, "batch-size": 4})
+    grid = LoopbackGrid(sites, tmp_path / "cache")
+    run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 2), lambda _: None)
+    assert all(config["proximal-mu"] == 100.0 for config in grid.train_configs)
+    train = json.loads((tmp_path / "run" / "rounds.jsonl").read_text())["train"]
+    assert train["loss"] > train["ce-loss"] and train["sim-loss"] == 0.0  # loss = CE + μ/2·‖w − w_global‖²
