@@ -45,12 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID
 
 from crosssim.data.sites import LABELS_FILENAME, read_labels_csv
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
-from crosssim.data.synth import SOP_CLASS_UIDS, class_counts, generate_hospitals, load_preset
+from crosssim.data.synth import (SOP_CLASS_UIDS, class_counts, generate_hospitals, load_preset,
+                                  new_part10_dataset)
 
 SUITES = ("synthetic", "synthetic-hard", "elpv-mono2poly", "elpv-poly2mono", "digits")
 SIZES = ("quick", "full")
@@ -212,17 +212,8 @@ def write_grayscale_dicom(path: Path, pixels: np.ndarray, *, manufacturer: str, 
         raise ValueError(f"modality {modality!r} is not OT or one of {sorted(SOP_CLASS_UIDS)}")
     sop_uid = bench_uid(*uid_seed_parts, "sop")
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * 128
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["DERIVED", "SECONDARY"] if modality == "OT" else ["ORIGINAL", "PRIMARY"]
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
+    ds = new_part10_dataset(sop_class, sop_uid,
+                            ["DERIVED", "SECONDARY"] if modality == "OT" else ["ORIGINAL", "PRIMARY"])
     ds.StudyInstanceUID = bench_uid(*uid_seed_parts, "study")
     ds.SeriesInstanceUID = bench_uid(*uid_seed_parts, "series")
     ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.ReferringPhysicianName = ""

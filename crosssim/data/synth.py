@@ -484,13 +484,8 @@ def _patient_id(site: SiteProfile, patient: int) -> str:
     return f"SYN{zlib.crc32(site.name.encode()) % 10**4:04d}-{patient:05d}"
 
 
-def build_dataset(site: SiteProfile, pixels: np.ndarray, index: int, seed: int, site_key: str,
-                  study_day: int) -> Dataset:
-    """A DICOM Part 10 dataset (Explicit VR Little Endian) for image ``index`` of ``site``."""
-    patient, study = divmod(index, STUDIES_PER_PATIENT)
-    sop_class = SOP_CLASS_UIDS[site.modality]
-    sop_uid = _uid(seed, site_key, "sop", index)
-
+def new_part10_dataset(sop_class: str, sop_uid: str, image_type: list[str]) -> Dataset:
+    """An empty DICOM Part 10 dataset: file meta (Explicit VR Little Endian), preamble, SOP identity."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -499,9 +494,20 @@ def build_dataset(site: SiteProfile, pixels: np.ndarray, index: int, seed: int, 
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.ImageType = image_type
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def build_dataset(site: SiteProfile, pixels: np.ndarray, index: int, seed: int, site_key: str,
+                  study_day: int) -> Dataset:
+    """A DICOM Part 10 dataset (Explicit VR Little Endian) for image ``index`` of ``site``."""
+    patient, study = divmod(index, STUDIES_PER_PATIENT)
+    sop_class = SOP_CLASS_UIDS[site.modality]
+    sop_uid = _uid(seed, site_key, "sop", index)
+
+    ds = new_part10_dataset(sop_class, sop_uid, ["ORIGINAL", "PRIMARY"])
     ds.StudyInstanceUID = _uid(seed, site_key, "study", index)
     ds.SeriesInstanceUID = _uid(seed, site_key, "series", index)
     study_date = BASE_STUDY_DATE + timedelta(days=study_day)
