@@ -1,0 +1,243 @@
+"""`make bench`: every benchmark, then benchmarks/RESULTS.md regenerated from benchmarks/results/*.json.
+
+1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds (finished (suite, seed, method) results
+   already in benchmarks/results/ are kept, not rerun);
+2. ``benchmarks/perf.py`` when it exists, then ``benchmarks/load.py``;
+3. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
+   commit, machine and the exact commands.
+
+    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--work DIR] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, FIGURE_LABELS,  # noqa: E402
+                                 FIGURES, METHOD_LABELS, METHODS, RESULTS_DIR, SUITES, format_stat, git_commit,
+                                 suite_table, summarize)
+
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+ACCURACY_GLOB = "accuracy-*.json"
+BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
+EXAMPLE_SEED = "0"  # RESULTS.md lists the crosssim command lines of this seed (other seeds differ in --seed only)
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_step(argv: Sequence[str]) -> int:
+    """One benchmark script in its own process; its output streams through. Returns its exit status."""
+    print(f"\n$ {' '.join(argv)}", flush=True)
+    started = time.perf_counter()
+    rc = subprocess.call(list(argv), cwd=REPO_ROOT)
+    print(f"({Path(argv[1]).name}: exit {rc} after {time.perf_counter() - started:.0f} s)", flush=True)
+    return rc
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+
+def load_accuracy_docs(results_dir: Path) -> list[dict[str, Any]]:
+    """Every accuracy results file, in SUITES order (quick before full)."""
+    docs = []
+    for path in sorted(Path(results_dir).glob(ACCURACY_GLOB)):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        doc["_file"] = path.name
+        docs.append(doc)
+    order = {s: i for i, s in enumerate(SUITES)}
+    return sorted(docs, key=lambda d: (d.get("protocol", {}).get("name") != "quick",
+                                       order.get(d.get("suite"), len(order)), d["_file"]))
+
+
+def _relative(command: str) -> str:
+    """A recorded command line with the repository root left out (the commands run from it)."""
+    return command.replace(f"{REPO_ROOT}/", "")
+
+
+def _records(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [r for by_method in doc.get("runs", {}).values() for r in by_method.values() if "figures" in r]
+
+
+def _protocol_line(protocol: Mapping[str, Any]) -> str:
+    if not protocol:
+        return "protocol unknown"
+    size = f", image size {protocol['image_size_px']} px" if protocol.get("image_size_px") else ""
+    limit = f" (at most {protocol['limit']} images per site)" if protocol.get("limit") else ""
+    return (f"protocol `{protocol.get('name')}`: {protocol.get('size')} sites{limit}, federated "
+            f"{protocol.get('rounds')} rounds × {protocol.get('local_epochs')} local epochs, "
+            f"pooled / local-only / oracle {protocol.get('epochs')} epochs, TENT {protocol.get('tent_steps')} steps{size}")
+
+
+def _suite_command(doc: Mapping[str, Any]) -> str:
+    seeds = len(doc.get("runs", {}))
+    full = " --full" if doc.get("protocol", {}).get("name") == "full" else ""
+    return f"python benchmarks/accuracy.py --suites {doc.get('suite')} --seeds {max(seeds, 1)}{full}"
+
+
+def overview_table(docs: Sequence[Mapping[str, Any]], figure: str, adapt: str) -> str:
+    """Methods × suites, one figure at one adaptation, mean ± std over seeds."""
+    summaries = [(d.get("suite", "?") + ("" if d.get("protocol", {}).get("name") == "quick" else
+                                          f" ({d['protocol'].get('name')})"), summarize(d)) for d in docs]
+    lines = ["| method | " + " | ".join(name for name, _ in summaries) + " |",
+             "|---|" + "---|" * len(summaries)]
+    for method in METHODS:
+        if not any(method in s for _, s in summaries):
+            continue
+        cells = [format_stat(s.get(method, {}).get(adapt, {}).get(figure)) for _, s in summaries]
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment_lines(doc: Mapping[str, Any]) -> list[str]:
+    """Date range, commits and machine behind one results file."""
+    records = _records(doc)
+    env = doc.get("environment", {})
+    dates = sorted(r["date"] for r in records if r.get("date"))
+    commits = sorted({(r.get("commit") or "unknown")[:12] + (" (dirty)" if r.get("dirty") else "")
+                      for r in records})
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    lines = [f"- runs: {len(records)} (seed, method) pairs, {seconds / 60:.1f} min of compute"
+             + (f", {dates[0]} … {dates[-1]}" if dates else ""),
+             f"- commit(s): {', '.join(commits) or 'unknown'}",
+             f"- machine: {env.get('platform', 'unknown')}, {env.get('cpu_count', '?')} CPU(s), "
+             f"Python {env.get('python', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}"]
+    failures = [(seed, method) for seed, by_method in doc.get("failures", {}).items() for method in by_method]
+    if failures:
+        lines.append("- FAILED (rerun to retry): " + ", ".join(f"seed {s} {m}" for s, m in failures))
+    return lines
+
+
+def command_block(doc: Mapping[str, Any]) -> list[str]:
+    """The crosssim command lines of one seed, per method, as recorded."""
+    runs = doc.get("runs", {})
+    seed = EXAMPLE_SEED if EXAMPLE_SEED in runs else next(iter(runs), None)
+    if seed is None:
+        return []
+    lines = ["<details><summary>crosssim commands of seed "
+             f"{seed} (other seeds differ in <code>--seed</code> and folder names)</summary>", "", "```"]
+    for method in METHODS:
+        record = runs[seed].get(method)
+        if record:
+            lines.append(f"# {method}")
+            lines += [_relative(c) for c in record.get("commands", [])]
+    return lines + ["```", "", "</details>"]
+
+
+def load_table(load: Mapping[str, Any]) -> list[str]:
+    lines = [f"Machine: {load.get('machine', 'unknown')}; median of {load.get('repeats', '?')} cold/cached pairs.", "",
+             "| corpus | files | images | cold s | cached s | cached/cold speed-up |", "|---|---|---|---|---|---|"]
+    for name, r in load.get("rows", {}).items():
+        lines.append(f"| {name} | {r.get('files')} | {r.get('images')} | {r.get('cold_s', 0):.2f} | "
+                     f"{r.get('cached_s', 0):.3f} | {r.get('speedup', 0):.1f}× |")
+    return lines
+
+
+def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, Any] | None = None,
+                      other_files: Sequence[str] = (), generated: str | None = None,
+                      commit: Mapping[str, Any] | None = None) -> str:
+    """The whole RESULTS.md as text (a pure function of the results, for tests)."""
+    generated = generated or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    commit = commit if commit is not None else git_commit()
+    head = (commit.get("commit") or "unknown")[:12] + (" (dirty)" if commit.get("dirty") else "")
+    out = ["# Benchmark results", "",
+           f"Generated {generated} by `python benchmarks/run_all.py --report-only` at commit {head} on "
+           f"{platform.platform()} ({_cpu_count()} CPU(s)). Everything below is read from "
+           "`benchmarks/results/*.json`;",
+           "`make bench` (`python benchmarks/run_all.py`) reruns what is missing and regenerates this file.", ""]
+    out += ["## Target accuracy across hospitals (`benchmarks/accuracy.py`)", "",
+            "Each figure is the mean ± sample standard deviation over seeds (the seed also changes the site "
+            "splits). Methods are trained on the labeled source sites only and scored on the whole unlabeled "
+            "target with its ground truth, which is read only to score: nothing is tuned on it. "
+            "`local-only` is the mean over the three single-source models. `pooled` trains one model on the "
+            "union of the sources (cross-entropy only). The target oracle trains on a labeled half of the "
+            "target and is scored on the other half (its `heldout_*` counterparts for every method are in the "
+            "JSON). ATC abs. error: |label-free ATC accuracy estimate minus true accuracy| (for local-only, the "
+            "mean absolute error over the sources). Plain = no adaptation; AdaBN / TENT = `crosssim evaluate "
+            "--adapt adabn|tent`.", ""]
+    if not docs:
+        out += ["No accuracy results yet: run `python benchmarks/accuracy.py`.", ""]
+    for figure in FIGURES:
+        for adapt in ADAPTS:
+            if adapt != "none" and figure != "accuracy":
+                continue  # the overview keeps adaptation for accuracy only; per-suite tables have all
+            out += [f"### {FIGURE_LABELS[figure]}, {ADAPT_LABELS[adapt]}", "", overview_table(docs, figure, adapt), ""]
+    for doc in docs:
+        name = doc.get("suite", "?")
+        out += [f"### {name} ({doc.get('protocol', {}).get('name', '?')}) — `{doc.get('_file', '')}`", "",
+                f"{_protocol_line(doc.get('protocol', {}))}; classes: {', '.join(doc.get('classes', [])) or '?'}.",
+                "", suite_table(doc), "", *environment_lines(doc), f"- command: `{_suite_command(doc)}`", "",
+                *command_block(doc), ""]
+    if load is not None:
+        out += ["## Site loading: cold DICOM decode vs hospital-side cache (`benchmarks/load.py`)", "",
+                *load_table(load), ""]
+    if other_files:
+        out += ["## Other results", "", *[f"- `benchmarks/results/{name}`" for name in other_files], ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return os.cpu_count()
+
+
+def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **kwargs: Any) -> Path:
+    """Regenerate RESULTS.md from the JSON files in ``results_dir`` (callable alone: ``--report-only``)."""
+    results_dir = Path(results_dir)
+    docs = load_accuracy_docs(results_dir)
+    load = None
+    load_path = results_dir / "load.json"
+    if load_path.is_file():
+        try:
+            load = json.loads(load_path.read_text())
+        except ValueError:
+            load = None
+    known = {d["_file"] for d in docs} | {"load.json"}
+    others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
+    Path(out).write_text(render_results_md(docs, load=load, other_files=others, **kwargs))
+    return Path(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="accuracy seeds (default 3)")
+    parser.add_argument("--jobs", type=int, default=BENCH_JOBS, help=f"parallel accuracy tasks (default {BENCH_JOBS})")
+    parser.add_argument("--work", type=Path, help="accuracy.py work folder (default: its own)")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md from the JSON")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    failed = 0
+    if not args.report_only:
+        python = sys.executable
+        accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
+        if args.work is not None:
+            accuracy += ["--work", str(args.work)]
+        failed += run_step(accuracy) != 0
+        if (BENCH_DIR / "perf.py").is_file():
+            failed += run_step([python, str(BENCH_DIR / "perf.py")]) != 0
+        failed += run_step([python, str(BENCH_DIR / "load.py")]) != 0
+    path = write_results_md()
+    print(f"wrote {path} ({time.perf_counter() - started:.0f} s in all)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

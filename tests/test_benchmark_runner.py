@@ -1,0 +1,250 @@
+"""The accuracy benchmark runner (benchmarks/accuracy.py) and RESULTS.md (benchmarks/run_all.py).
+
+No training: the ``crosssim`` commands are replaced by a fake that writes what the real ones write
+(final.pt, metrics.json, predictions.csv), so the loop, the scoring and the aggregation run for real.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import accuracy as acc
+from benchmarks import run_all
+from benchmarks.datasets import SuiteSites
+
+CLASSES = ("a", "b")
+# target images: (path, true label), classes alternating; the oracle's held-out half is the first four
+TARGET = [(f"images/{i:05d}.dcm", CLASSES[i % 2]) for i in range(8)]
+HELDOUT = TARGET[:4]
+TINY = acc.Protocol("quick", "quick", 5, 2, 1, 2, 3, {})
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def fake_sites(root: Path) -> SuiteSites:
+    sources = [root / "sites" / name for name in ("s1", "s2", "s3")]
+    for folder in sources:
+        folder.mkdir(parents=True, exist_ok=True)
+    target = root / "sites" / "target"
+    target.mkdir(parents=True, exist_ok=True)
+    return SuiteSites("fake", CLASSES, sources, target,
+                      write_csv(root / "sites" / "target_labels.csv", ["path", "label"], [list(r) for r in TARGET]),
+                      root / "oracle" / "train",
+                      write_csv(root / "oracle" / "test_labels.csv", ["path", "label"], [list(r) for r in HELDOUT]))
+
+
+class FakeCrosssim:
+    """Stands in for ``crosssim.cli.main``: every model predicts class ``a`` with confidence 0.9, except
+    models trained on site s2, which predict the true class; the ATC estimate is always 0.75."""
+
+    def __init__(self, fail_method: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_method = fail_method
+
+    def __call__(self, argv: list[str], log: Path) -> None:
+        self.calls.append(argv)
+        if self.fail_method and f"/{self.fail_method}/" in argv[argv.index("--out") + 1] + "/":
+            raise RuntimeError("simulated failure")
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if argv[0] in ("train", "simulate"):
+            (out / "final.pt").write_text(json.dumps({"sites": argv[argv.index("--sites") + 1:]}))
+            return
+        trained_on = json.loads(Path(argv[argv.index("--checkpoint") + 1]).read_text())["sites"]
+        perfect = any(site.endswith("/s2") for site in trained_on)
+        rows = [[path, label if perfect else "a", "0.900000", "0.9", "0.1"] for path, label in TARGET]
+        write_csv(out / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
+        metrics = {"label_free": {"n_images": len(TARGET), "atc_threshold": 0.5, "atc_estimated_accuracy": 0.75}}
+        if "--labels" in argv:
+            metrics["labeled"] = {"accuracy": 1.0 if perfect else 0.5, "balanced_accuracy": 1.0 if perfect else 0.5}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def run(tmp_path: Path, crosssim: FakeCrosssim, seeds=(0,), protocol: acc.Protocol = TINY, **kwargs) -> dict:
+    def prepare(name, out_dir, *, seed, size, limit, cache_dir, progress):
+        assert size == protocol.size and limit == protocol.limit
+        return fake_sites(Path(out_dir) / name)
+
+    return acc.run_suite("synthetic", list(seeds), protocol, tmp_path / "work", results_dir=tmp_path / "results",
+                         prepare=prepare, crosssim=crosssim, progress=lambda line: None, **kwargs)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_mean_std_is_sample_std_over_present_values() -> None:
+    stat = acc.mean_std([0.5, None, 0.7, 0.6])
+    assert stat.n == 3 and stat.mean == pytest.approx(0.6) and stat.std == pytest.approx(0.1)
+    assert acc.mean_std([0.4]) == acc.Stat(0.4, None, 1)
+    assert acc.mean_std([None]) == acc.Stat(None, None, 0)
+    assert acc.format_stat(acc.Stat(0.6, 0.1, 3)) == "0.600 ± 0.100"
+    assert acc.format_stat(acc.Stat(0.4, None, 1)) == "0.400"
+    assert acc.format_stat(None) == "–"
+
+
+def test_local_only_is_the_mean_over_sources_and_atc_error_is_a_mean_absolute_error() -> None:
+    per_source = {  # errors +0.2 and -0.2: the mean error is 0, the mean absolute error 0.2
+        "s1": {a: {"accuracy": 0.4, "balanced_accuracy": 0.3, "atc_estimated_accuracy": 0.6,
+                   "atc_abs_error": 0.2} for a in acc.ADAPTS},
+        "s2": {a: {"accuracy": 0.8, "balanced_accuracy": 0.7, "atc_estimated_accuracy": 0.6,
+                   "atc_abs_error": 0.2} for a in acc.ADAPTS},
+    }
+    mean = acc.mean_over_sources(per_source)
+    assert set(mean) == set(acc.ADAPTS)
+    assert mean["none"]["accuracy"] == pytest.approx(0.6)
+    assert mean["none"]["balanced_accuracy"] == pytest.approx(0.5)
+    assert mean["none"]["atc_abs_error"] == pytest.approx(0.2)
+    assert mean["none"]["n_sources"] == 2
+
+
+def test_figures_from_metrics_take_the_absolute_atc_error() -> None:
+    metrics = {"label_free": {"n_images": 10, "atc_estimated_accuracy": 0.55},
+               "labeled": {"accuracy": 0.75, "balanced_accuracy": 0.6}}
+    figures = acc.figures_from_metrics(metrics)
+    assert figures["atc_abs_error"] == pytest.approx(0.2)
+    assert figures["accuracy"] == 0.75 and figures["balanced_accuracy"] == 0.6
+    metrics["label_free"]["atc_estimated_accuracy"] = None  # a checkpoint without source statistics
+    assert acc.figures_from_metrics(metrics)["atc_abs_error"] is None
+
+
+def test_summarize_over_seeds() -> None:
+    doc = {"runs": {str(seed): {"pooled": {"figures": {"none": {"accuracy": value, "balanced_accuracy": value,
+                                                                  "atc_abs_error": 0.1}}}}
+                    for seed, value in enumerate([0.5, 0.7, 0.6])}}
+    stats = acc.summarize(doc)["pooled"]["none"]
+    assert stats["accuracy"].mean == pytest.approx(0.6) and stats["accuracy"].std == pytest.approx(0.1)
+    assert stats["atc_abs_error"].std == pytest.approx(0.0) and stats["accuracy"].n == 3
+
+
+# ---------------------------------------------------------------- oracle scoring
+
+
+def test_oracle_scoring_uses_only_the_heldout_paths(tmp_path: Path) -> None:
+    predictions = {path: ("a", 0.9 if i < 4 else 0.3) for i, (path, _) in enumerate(TARGET)}
+    labels = {"images/00000.dcm": "a", "images/00001.dcm": "b", "images/00004.dcm": "a", "images/00005.dcm": "b"}
+    scored = acc.score_on_labels(predictions, labels, CLASSES, atc_threshold=0.5)
+    assert scored["n_images"] == 4
+    assert scored["accuracy"] == pytest.approx(0.5)
+    assert scored["balanced_accuracy"] == pytest.approx(0.5)  # recall 1 for a, 0 for b
+    assert scored["atc_estimated_accuracy"] == pytest.approx(0.5)  # 2 of the 4 held-out confidences > 0.5
+    assert scored["atc_abs_error"] == pytest.approx(0.0)
+    assert acc.score_on_labels(predictions, labels, CLASSES, None)["atc_abs_error"] is None
+    with pytest.raises(ValueError, match="no prediction"):
+        acc.score_on_labels(predictions, {**labels, "images/99999.dcm": "a"}, CLASSES, 0.5)
+
+
+def test_predictions_csv_round_trip(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"],
+                     [["x/1.dcm", "b", "0.750000", "0.25", "0.75"]])
+    assert acc.read_predictions(path) == {"x/1.dcm": ("b", 0.75)}
+
+
+# ---------------------------------------------------------------- the loop, skip-if-present, failures
+
+
+def test_run_suite_records_every_method_and_skips_finished_work(tmp_path: Path) -> None:
+    fake = FakeCrosssim()
+    doc = run(tmp_path, fake, seeds=(0, 1))
+    path = tmp_path / "results" / "accuracy-synthetic.json"
+    assert json.loads(path.read_text())["runs"] == doc["runs"]
+    assert set(doc["runs"]) == {"0", "1"} and all(set(r) == set(acc.METHODS) for r in doc["runs"].values())
+    record = doc["runs"]["0"]
+    # local-only: three trainings, each evaluated three times; s2's model is perfect, the others score 0.5
+    local_commands = record["local-only"]["commands"]
+    assert len(local_commands) == 12 and all(c.startswith("crosssim ") for c in local_commands)
+    assert record["local-only"]["figures"]["none"]["accuracy"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    assert record["local-only"]["figures"]["tent"]["atc_abs_error"] == pytest.approx((0.25 + 0.25 + 0.25) / 3)
+    assert set(record["local-only"]["per_source"]) == {"s1", "s2", "s3"}
+    assert record["pooled"]["figures"]["adabn"]["accuracy"] == 1.0  # trained on s1, s2, s3
+    pooled_commands = record["pooled"]["commands"]
+    assert pooled_commands[0].startswith("crosssim train --sites ") and "strategy=fedavg" in pooled_commands[0]
+    assert any("--adapt tent --tent-steps 3" in c for c in pooled_commands)
+    simulate = record["crosssim-contrastive"]["commands"][0]
+    assert "simulate" in simulate and "similarity=contrastive" in simulate and "--rounds 2" in simulate
+    assert "--seed 0" in simulate and "classes=a,b" in simulate
+    # the oracle is evaluated without labels and scored on the held-out half only
+    oracle = record["oracle"]
+    assert "--labels" not in oracle["commands"][1] and set(oracle["figures"]) == {"none"}
+    assert oracle["figures"]["none"]["n_images"] == len(HELDOUT)
+    assert oracle["figures"]["none"]["accuracy"] == pytest.approx(0.5)  # predicts a; the half is a, b, a, b
+    assert oracle["figures"]["none"]["atc_abs_error"] == pytest.approx(0.5)  # every confidence 0.9 > 0.5
+    assert record["fedavg"]["figures"]["none"]["heldout_accuracy"] == 1.0  # every method also on the oracle's half
+    assert record["local-only"]["per_source"]["s1"]["tent"]["heldout_accuracy"] == 0.5
+    assert doc["environment"]["cpu_count"] and doc["classes"] == list(CLASSES) and "commit" in record["oracle"]
+
+    calls = len(fake.calls)
+    run(tmp_path, fake, seeds=(0, 1))  # everything is in the results file: nothing runs again
+    assert len(fake.calls) == calls
+    run(tmp_path, fake, seeds=(0, 1, 2), methods=["pooled"])  # only the new (seed, method) runs
+    assert len(fake.calls) == calls + 4
+    run(tmp_path, fake, seeds=(0,), methods=["pooled"], redo=True)
+    assert len(fake.calls) == calls + 8
+    other = acc.Protocol("quick", "quick", 5, 3, 1, 3, 3, {})  # another protocol: earlier figures do not count
+    run(tmp_path, fake, seeds=(0,), methods=["fedbn"], protocol=other)
+    assert len(fake.calls) == calls + 12
+
+
+def test_pending_methods_compares_the_protocol() -> None:
+    key = TINY.for_suite("synthetic")
+    doc = {"runs": {"0": {"pooled": {"protocol": key, "figures": {}},
+                          "fedavg": {"protocol": {**key, "rounds": 99}, "figures": {}}}}}
+    assert acc.pending_methods(doc, 0, ["pooled", "fedavg", "oracle"], key) == ["fedavg", "oracle"]
+    assert acc.pending_methods(doc, 1, ["pooled"], key) == ["pooled"]
+    assert acc.pending_methods(doc, 0, ["pooled"], key, redo=True) == ["pooled"]
+
+
+def test_a_failed_method_is_recorded_and_retried(tmp_path: Path) -> None:
+    doc = run(tmp_path, FakeCrosssim(fail_method="fedprox"))
+    assert "fedprox" not in doc["runs"]["0"] and "fedbn" in doc["runs"]["0"]
+    assert "simulated failure" in doc["failures"]["0"]["fedprox"]["error"]
+    retry = FakeCrosssim()
+    doc = run(tmp_path, retry)
+    assert {c[0] for c in retry.calls} == {"simulate", "evaluate"} and len(retry.calls) == 4
+    assert "fedprox" in doc["runs"]["0"] and not doc["failures"]["0"]
+
+
+def test_quick_protocol_constants_are_consistent() -> None:
+    assert acc.QUICK.epochs == acc.QUICK_ROUNDS * acc.QUICK_LOCAL_EPOCHS
+    assert acc.FULL.size == "full" and acc.QUICK.size == "quick"
+    assert acc.results_path("digits", acc.FULL, Path("r")) == Path("r/accuracy-digits-full.json")
+    assert acc.QUICK.for_suite("digits")["image_size_px"] == acc.DIGITS_IMAGE_SIZE_PX
+    assert "rounds" in acc.QUICK.describe()
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+
+def test_results_md_renders_from_json(tmp_path: Path) -> None:
+    run(tmp_path, FakeCrosssim(), seeds=(0, 1))
+    results = tmp_path / "results"
+    (results / "load.json").write_text(json.dumps({"machine": "test-machine", "repeats": 1, "rows": {
+        "synthetic hospital-a": {"files": 10, "images": 10, "cold_s": 1.0, "cached_s": 0.1, "speedup": 10.0}}}))
+    (results / "perf.json").write_text("{}")
+    out = run_all.write_results_md(results, tmp_path / "RESULTS.md", generated="2000-01-01T00:00:00+00:00",
+                                   commit={"commit": "abcdef1234567890", "dirty": False})
+    text = out.read_text()
+    assert "Generated 2000-01-01T00:00:00+00:00" in text and "abcdef123456" in text
+    assert "| method | synthetic |" in text  # overview: methods × suites
+    assert "| local-only (mean over sources) | 0.667 ± 0.000 |" in text  # two identical seeds
+    assert "| target oracle (held-out half) | 2 | 0.500 ± 0.000 | – | – |" in text
+    assert "python benchmarks/accuracy.py --suites synthetic --seeds 2" in text
+    assert "crosssim simulate --sites" in text and "# crosssim-contrastive" in text
+    assert "| synthetic hospital-a | 10 | 10 | 1.00 | 0.100 | 10.0× |" in text
+    assert "`benchmarks/results/perf.json`" in text
+    assert "machine:" in text and "CPU(s)" in text
+
+
+def test_results_md_without_results(tmp_path: Path) -> None:
+    text = run_all.render_results_md([], generated="now", commit={"commit": None, "dirty": None})
+    assert "No accuracy results yet" in text and "unknown" in text
