@@ -151,7 +151,7 @@ def load_table(load: Mapping[str, Any]) -> list[str]:
 
 
 def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, Any] | None = None,
-                      other_files: Sequence[str] = (), generated: str | None = None,
+                      perf: Mapping[str, Any] | None = None, other_files: Sequence[str] = (), generated: str | None = None,
                       commit: Mapping[str, Any] | None = None) -> str:
     """The whole RESULTS.md as text (a pure function of the results, for tests)."""
     generated = generated or datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -188,6 +188,11 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
     if load is not None:
         out += ["## Site loading: cold DICOM decode vs hospital-side cache (`benchmarks/load.py`)", "",
                 *load_table(load), ""]
+    if perf is not None:
+        out += ["## System performance, side by side (`benchmarks/perf.py`)", "",
+                f"Run {perf.get('date', '?')} at commit {str(perf.get('git_commit', '?'))[:12]}, mode "
+                f"{perf.get('mode', '?')}, {perf.get('torch_threads_in_process', '?')} torch thread(s) in process; "
+                "every ratio is A/B measured in the same run.", "", str(perf.get("table", "")).rstrip(), ""]
     if other_files:
         out += ["## Other results", "", *[f"- `benchmarks/results/{name}`" for name in other_files], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -199,20 +204,22 @@ def _cpu_count() -> int | None:
     return os.cpu_count()
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A results file, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **kwargs: Any) -> Path:
     """Regenerate RESULTS.md from the JSON files in ``results_dir`` (callable alone: ``--report-only``)."""
     results_dir = Path(results_dir)
     docs = load_accuracy_docs(results_dir)
-    load = None
-    load_path = results_dir / "load.json"
-    if load_path.is_file():
-        try:
-            load = json.loads(load_path.read_text())
-        except ValueError:
-            load = None
-    known = {d["_file"] for d in docs} | {"load.json"}
+    load, perf = _read_json(results_dir / "load.json"), _read_json(results_dir / "perf.json")
+    known = {d["_file"] for d in docs} | {"load.json", "perf.json"}
     others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
-    Path(out).write_text(render_results_md(docs, load=load, other_files=others, **kwargs))
+    Path(out).write_text(render_results_md(docs, load=load, perf=perf, other_files=others, **kwargs))
     return Path(out)
 
 

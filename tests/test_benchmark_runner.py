@@ -230,7 +230,7 @@ def test_results_md_renders_from_json(tmp_path: Path) -> None:
     results = tmp_path / "results"
     (results / "load.json").write_text(json.dumps({"machine": "test-machine", "repeats": 1, "rows": {
         "synthetic hospital-a": {"files": 10, "images": 10, "cold_s": 1.0, "cached_s": 0.1, "speedup": 10.0}}}))
-    (results / "perf.json").write_text("{}")
+    (results / "perf.json").write_text(json.dumps({"date": "2000-01-01", "table": "| step | A | B |"}))
     out = run_all.write_results_md(results, tmp_path / "RESULTS.md", generated="2000-01-01T00:00:00+00:00",
                                    commit={"commit": "abcdef1234567890", "dirty": False})
     text = out.read_text()
@@ -241,7 +241,7 @@ def test_results_md_renders_from_json(tmp_path: Path) -> None:
     assert "python benchmarks/accuracy.py --suites synthetic --seeds 2" in text
     assert "crosssim simulate --sites" in text and "# crosssim-contrastive" in text
     assert "| synthetic hospital-a | 10 | 10 | 1.00 | 0.100 | 10.0× |" in text
-    assert "`benchmarks/results/perf.json`" in text
+    assert "## System performance, side by side" in text and "| step | A | B |" in text
     assert "machine:" in text and "CPU(s)" in text
 
 
