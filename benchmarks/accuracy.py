@@ -18,9 +18,10 @@ the target's labels: they are read only after predicting, to score. The seed goe
 to every command that takes ``--seed`` (``evaluate`` uses the checkpoint's).
 
 Results go to ``benchmarks/results/accuracy-<suite>.json`` (``accuracy-<suite>-full.json`` with ``--full``),
-rewritten after every finished (seed, method) with the figures, the exact command lines, date, git commit and
-machine. A (suite, seed, method) already in that file with the same protocol is skipped (``--redo`` reruns it),
-so an interrupted run continues where it stopped.
+rewritten after every finished (seed, method) with the figures, the exact command lines, date, git commit,
+a fingerprint of the code that ran and the machine. Every requested (suite, seed, method) is measured again;
+``--resume`` continues an interrupted run instead, skipping those already saved under the same protocol by
+the same code.
 
     .venv/bin/python benchmarks/accuracy.py [--suites synthetic digits] [--seeds 3] [--full] [--work runs/bench]
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -140,6 +142,19 @@ def results_path(suite: str, protocol: Protocol, results_dir: Path = RESULTS_DIR
 # ---------------------------------------------------------------- environment
 
 
+# Files whose content decides a benchmark figure: a saved result is reused by --resume only under the same ones.
+CODE_FILE_PATTERNS = ("crosssim/**/*.py", "server/**/*.py", "client/**/*.py", "configs/**/*.toml",
+                      "benchmarks/accuracy.py", "benchmarks/datasets.py", "pyproject.toml")
+
+
+def code_fingerprint(repo: Path = REPO_ROOT) -> str:
+    """Short SHA-256 of the paths and contents of ``CODE_FILE_PATTERNS`` (results files are not part of it)."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in CODE_FILE_PATTERNS for p in repo.glob(pattern) if p.is_file()}):
+        digest.update(path.relative_to(repo).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
     """HEAD commit and whether the working tree differs from it (None when git is unavailable)."""
     try:
@@ -198,16 +213,17 @@ def save_results(doc: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def is_done(doc: Mapping[str, Any], seed: int, method: str, protocol_key: Mapping[str, Any]) -> bool:
-    """True when (seed, method) has figures in ``doc`` measured under the same protocol."""
+def is_done(doc: Mapping[str, Any], seed: int, method: str, protocol_key: Mapping[str, Any], code: str) -> bool:
+    """True when (seed, method) has figures in ``doc`` measured under the same protocol by the same code."""
     record = doc.get("runs", {}).get(str(seed), {}).get(method)
-    return bool(record) and record.get("protocol") == dict(protocol_key) and "figures" in record
+    return (bool(record) and record.get("protocol") == dict(protocol_key) and record.get("code") == code
+            and "figures" in record)
 
 
 def pending_methods(doc: Mapping[str, Any], seed: int, methods: Iterable[str], protocol_key: Mapping[str, Any],
-                    redo: bool = False) -> list[str]:
-    """Methods of ``methods`` still to run at ``seed`` (all of them with ``redo``)."""
-    return [m for m in methods if redo or not is_done(doc, seed, m, protocol_key)]
+                    code: str, resume: bool = False) -> list[str]:
+    """Methods of ``methods`` to run at ``seed``: all of them, or with ``resume`` those not done by ``code``."""
+    return [m for m in methods if not (resume and is_done(doc, seed, m, protocol_key, code))]
 
 
 # ---------------------------------------------------------------- scoring
@@ -494,7 +510,7 @@ def _now() -> str:
 
 
 def run_suite(suite: str, seeds: Sequence[int], protocol: Protocol, work: Path, *,
-              results_dir: Path = RESULTS_DIR, methods: Sequence[str] = METHODS, redo: bool = False,
+              results_dir: Path = RESULTS_DIR, methods: Sequence[str] = METHODS, resume: bool = False,
               prepare: Prepare | None = None, crosssim: Crosssim = run_crosssim, progress: Progress | None = None,
               started: float | None = None) -> dict[str, Any]:
     """Every pending (seed, method) of one suite; the results file is updated after each one.
@@ -510,14 +526,15 @@ def run_suite(suite: str, seeds: Sequence[int], protocol: Protocol, work: Path, 
     key = protocol.for_suite(suite)
     cache, locks = work / "cache", work / "locks"
     doc = load_results(path, suite, protocol)
+    code = code_fingerprint()
 
     def elapsed() -> str:
         return _clock(time.time() - started)
 
     for seed in seeds:
-        todo = pending_methods(doc, seed, methods, key, redo)
+        todo = pending_methods(doc, seed, methods, key, code, resume)
         if not todo:
-            progress(f"[{suite} seed {seed}] {len(methods)} method(s) already in {path.name}: skipped")
+            progress(f"[{suite} seed {seed}] {len(methods)} method(s) already in {path.name} (same code): skipped")
             continue
         progress(f"[{suite} seed {seed}] preparing {protocol.size} sites (limit {protocol.limit}) — "
                  f"elapsed {elapsed()}")
@@ -534,7 +551,7 @@ def run_suite(suite: str, seeds: Sequence[int], protocol: Protocol, work: Path, 
                 result = run_method(method, run, sites, suite, seed, protocol, cache)
             except Exception as exc:  # one failed method must not lose the others: recorded, retried next run
                 failure = {"error": f"{type(exc).__name__}: {exc}", "commands": run.commands, "date": _now(),
-                           **git_commit()}
+                           "code": code, **git_commit()}
 
                 def note_failure(d: dict[str, Any], seed=seed, method=method, failure=failure) -> None:
                     d["classes"] = list(sites.classes)
@@ -546,7 +563,7 @@ def run_suite(suite: str, seeds: Sequence[int], protocol: Protocol, work: Path, 
                 continue
             seconds = time.perf_counter() - method_started
             record = {"protocol": key, **result, "seconds": round(seconds, 1), "commands": run.commands,
-                      "command_seconds": run.command_seconds, "date": _now(), **git_commit()}
+                      "command_seconds": run.command_seconds, "date": _now(), "code": code, **git_commit()}
 
             def note_record(d: dict[str, Any], seed=seed, method=method, record=record) -> None:
                 d["classes"] = list(sites.classes)
@@ -561,7 +578,7 @@ def run_suite(suite: str, seeds: Sequence[int], protocol: Protocol, work: Path, 
 
 
 def _task(suite: str, seed: int, protocol: Protocol, work: Path, results_dir: Path, methods: Sequence[str],
-          redo: bool, started: float, threads: int | None = None) -> int:
+          resume: bool, started: float, threads: int | None = None) -> int:
     """One (suite, seed) in a worker process; returns its number of failed methods.
 
     ``threads``: torch CPU threads of this process (parallel tasks share the cores instead of oversubscribing).
@@ -570,13 +587,13 @@ def _task(suite: str, seed: int, protocol: Protocol, work: Path, results_dir: Pa
         import torch
 
         torch.set_num_threads(threads)
-    doc = run_suite(suite, [seed], protocol, work, results_dir=results_dir, methods=methods, redo=redo,
+    doc = run_suite(suite, [seed], protocol, work, results_dir=results_dir, methods=methods, resume=resume,
                     started=started)
     return len(doc["failures"].get(str(seed), {}))
 
 
 def run_all_suites(suites: Sequence[str], seeds: Sequence[int], protocol: Protocol, work: Path, *,
-                   results_dir: Path = RESULTS_DIR, methods: Sequence[str] = METHODS, redo: bool = False,
+                   results_dir: Path = RESULTS_DIR, methods: Sequence[str] = METHODS, resume: bool = False,
                    jobs: int = 1) -> int:
     """Every (suite, seed), seed-major (each suite gets a first figure early); ``jobs`` in parallel processes.
 
@@ -585,7 +602,7 @@ def run_all_suites(suites: Sequence[str], seeds: Sequence[int], protocol: Protoc
     started = time.time()
     tasks = [(suite, seed) for seed in seeds for suite in suites]
     if jobs <= 1:
-        return sum(_task(suite, seed, protocol, work, results_dir, methods, redo, started) for suite, seed in tasks)
+        return sum(_task(suite, seed, protocol, work, results_dir, methods, resume, started) for suite, seed in tasks)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -593,7 +610,7 @@ def run_all_suites(suites: Sequence[str], seeds: Sequence[int], protocol: Protoc
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        futures = [pool.submit(_task, suite, seed, protocol, work, results_dir, list(methods), redo, started,
+        futures = [pool.submit(_task, suite, seed, protocol, work, results_dir, list(methods), resume, started,
                                threads) for suite, seed in tasks]
         return sum(future.result() for future in futures)
 
@@ -609,8 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="JSON output folder")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                         help=f"subset of methods (default: all: {', '.join(METHODS)})")
-    parser.add_argument("--redo", action="store_true",
-                        help="rerun (seed, method) pairs already in the results file (default: skip them)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: skip (seed, method) pairs already saved under the same "
+                             "protocol by the same code (default: measure every requested pair again)")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
                         help=f"(suite, seed) tasks run in parallel processes (default {DEFAULT_JOBS})")
     args = parser.parse_args(argv)
@@ -623,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.jobs} job(s); work {work}; results {args.results}")
     started = time.time()
     failed = run_all_suites(args.suites, range(args.seeds), protocol, work, results_dir=args.results,
-                            methods=args.methods, redo=args.redo, jobs=args.jobs)
+                            methods=args.methods, resume=args.resume, jobs=args.jobs)
     for suite in args.suites:
         path = results_path(suite, protocol, args.results)
         say(f"\n### {suite} ({protocol.name})\n\n{suite_table(load_results(path, suite, protocol))}\n\n({path})")

@@ -1,12 +1,12 @@
 """`make bench`: every benchmark, then benchmarks/RESULTS.md regenerated from benchmarks/results/*.json.
 
-1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds (finished (suite, seed, method) results
-   already in benchmarks/results/ are kept, not rerun);
+1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds, every method measured again
+   (``--resume``: keep what an interrupted run of the same code already saved);
 2. ``benchmarks/perf.py`` when it exists, then ``benchmarks/load.py``;
 3. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
    commit, machine and the exact commands.
 
-    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--work DIR] [--report-only]
+    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--work DIR] [--resume] [--report-only]
 """
 
 from __future__ import annotations
@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="accuracy seeds (default 3)")
     parser.add_argument("--jobs", type=int, default=BENCH_JOBS, help=f"parallel accuracy tasks (default {BENCH_JOBS})")
     parser.add_argument("--work", type=Path, help="accuracy.py work folder (default: its own)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run (accuracy.py --resume: same code, same protocol)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md from the JSON")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -237,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
         if args.work is not None:
             accuracy += ["--work", str(args.work)]
+        if args.resume:
+            accuracy.append("--resume")
         failed += run_step(accuracy) != 0
         if (BENCH_DIR / "perf.py").is_file():
             failed += run_step([python, str(BENCH_DIR / "perf.py")]) != 0

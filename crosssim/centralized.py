@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from crosssim.adapt import adabn
 from crosssim.checkpoint import Checkpoint, SourceStats, save_checkpoint
 from crosssim.config import CrossSimConfig, save_config
 from crosssim.data.sites import SiteData, SiteError, load_site, read_labels_csv, site_labels_path
@@ -92,6 +93,7 @@ def train_pooled(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out_dir: 
 
     result = train_local(model, train_x, train_y, cfg, epochs=cfg.train.epochs, lr=cfg.train.lr,
                          seed=cfg.seed, device=device, epoch_end=refresh, progress=progress)
+    adabn(model, train_x, device)  # running statistics of the final weights, as federated sites do
     reference_x, reference_y = (val_x, val_y) if len(val_y) else (train_x, train_y)
     probs, _ = infer(model, reference_x, device)
     protos = prototypes_of(model, train_x, train_y, len(classes), cfg.method.min_count, device)

@@ -26,7 +26,7 @@ from crosssim.metrics import (ATC_INTERVAL_LEVEL, accuracy, atc_estimate, atc_in
                               balanced_accuracy, confusion_matrix, doc_estimate, entropy,
                               expected_calibration_error, macro_auc, per_class_sensitivity_specificity)
 from crosssim.report import ReportData, write_report
-from crosssim.shift import shift_alarms, shift_figures
+from crosssim.shift import forward_with_figures, shift_alarms
 from crosssim.train import infer, resolve_device, seed_everything
 
 Progress = Callable[[str], None] | None
@@ -141,7 +141,7 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
     y_true = None if labels_csv is None else load_labels_for(site, labels_csv).numpy()
     seed_everything(ckpt.config.seed)
     source_model = ckpt.build_model()
-    target_figures = shift_figures(source_model, site.images, ckpt.prototypes, device)
+    probs_t, embeddings_t, target_figures = forward_with_figures(source_model, site.images, ckpt.prototypes, device)
     adaptation: dict[str, Any] = {"method": adapt, "site": site.name, "source_checkpoint": str(checkpoint_path)}
     if adapt == "tent":
         adaptation.update({"tent_steps": tent_steps, "tent_lr": tent_lr})
@@ -149,7 +149,8 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
                        seed=ckpt.config.seed)
     if save_adapted is not None:
         adaptation["saved_to"] = str(save_adapted_checkpoint(ckpt, model, save_adapted, dict(adaptation)))
-    probs_t, embeddings_t = infer(model, site.images, device)
+    if adapt != "none":
+        probs_t, embeddings_t = infer(model, site.images, device)
     probs = probs_t.numpy()
     metrics: dict[str, Any] = {"checkpoint": str(checkpoint_path), "site": site.name, "adaptation": adaptation,
                                "label_free": label_free_metrics(probs, ckpt, target_figures),

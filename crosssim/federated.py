@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crosssim.adapt import adabn
 from crosssim.checkpoint import SHIFT_REFERENCE_KEY, SourceStats
 from crosssim.config import FIELD_INDEX, ConfigError, CrossSimConfig, load_config, to_flat
 from crosssim.data.sites import SiteData
 from crosssim.metrics import confidence_histogram
 from crosssim.model import CrossSimNet
 from crosssim.prototypes import Prototypes, compute_prototypes, privatize
-from crosssim.shift import aggregate_figures, shift_figures
+from crosssim.shift import aggregate_figures, forward_with_figures
 from crosssim.train import TrainResult, infer, lambda_for_step, round_lr, train_local
 
 # Record names inside a message (Flower RecordDict keys) and inside the prototypes record.
@@ -184,7 +185,11 @@ def reportable_counts(labels: torch.Tensor, num_classes: int, min_count: int) ->
 def train_round(model: nn.Module, site: LocalSite, cfg: CrossSimConfig, *, server_round: int, lr: float,
                 lambda_sim: float, prototypes: Prototypes | None,
                 device: torch.device) -> tuple[TrainResult, Prototypes, float]:
-    """Local epochs of ``CE + λ·L_sim`` (+ FedProx), then this site's privatized prototypes.
+    """Local epochs of ``CE + λ·L_sim`` (+ FedProx), BatchNorm statistics re-estimated, then prototypes.
+
+    The running statistics that training leaves lag behind the weights (momentum over a few dozen augmented
+    batches); re-estimating them on the site's un-augmented training images makes what the server averages
+    match the weights it averages.
 
     Returns (training result, prototypes to send, compute seconds including the prototype pass).
     """
@@ -196,6 +201,7 @@ def train_round(model: nn.Module, site: LocalSite, cfg: CrossSimConfig, *, serve
     result = train_local(model, site.train_x, site.train_y, cfg, epochs=cfg.federation.local_epochs, lr=lr,
                          seed=seed, device=device, prototypes=prototypes, lambda_sim=lambda_sim,
                          global_params=global_params)
+    adabn(model, site.train_x, device)
     _, embeddings = infer(model, site.train_x, device)
     num_classes = len(federated_classes(cfg))
     protos = compute_prototypes(embeddings, site.train_y, num_classes, cfg.method.min_count)
@@ -214,13 +220,12 @@ def evaluate_round(model: CrossSimNet, site: LocalSite, cfg: CrossSimConfig, pro
     """Validation summaries of the global model at a site: scalars, a confidence histogram, class counts."""
     started = time.perf_counter()
     val_x, val_y = site.validation()
-    probs, _ = infer(model, val_x, device)
+    if prototypes is None:
+        prototypes = Prototypes.empty(model.num_classes, model.embedding_dim)
+    probs, _, figures = forward_with_figures(model, val_x, prototypes, device)
     confidence = probs.max(1).values
     nll = F.nll_loss(torch.log(probs.clamp_min(1e-12)), val_y)
     num_classes = probs.shape[1]
-    if prototypes is None:
-        prototypes = Prototypes.empty(num_classes, model.embedding_dim)
-    figures = shift_figures(model, val_x, prototypes, device)
     return {
         NUM_EXAMPLES: len(val_y),
         "val-loss": float(nll),

@@ -27,7 +27,7 @@ from torch import nn
 
 from crosssim.model import batchnorm_modules
 from crosssim.prototypes import Prototypes
-from crosssim.train import INFERENCE_BATCH_SIZE
+from crosssim.train import infer
 
 # Factor over the source figure above which each alarm is raised (dimensionless). Set on the synthetic
 # presets (pooled seed-cnn, default config): fresh draws of the three source hospitals gave ratios up to
@@ -54,12 +54,13 @@ class _ChannelMoments:
         self.total_sq: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().double()
-        x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, N·spatial)
-        total, total_sq = x.sum(1), (x * x).sum(1)
+        x = inputs[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]  # every axis but the channel axis
+        # per-batch sums in the activations' dtype (pairwise-summed), accumulated across batches in float64
+        total, total_sq = x.sum(dims).double(), (x * x).sum(dims).double()
         self.total = total if self.total is None else self.total + total
         self.total_sq = total_sq if self.total_sq is None else self.total_sq + total_sq
-        self.count += x.shape[1]
+        self.count += x.numel() // x.shape[1]
 
     def drift(self, module: nn.Module) -> float:
         """Mean over channels of W2(N(μ, σ²), N(μ_run, σ_run²)) / σ_run."""
@@ -72,24 +73,28 @@ class _ChannelMoments:
 
 
 @torch.no_grad()
-def shift_figures(model: nn.Module, images: torch.Tensor, prototypes: Prototypes,
-                  device: torch.device) -> dict[str, float]:
-    """Both alarm figures of ``model`` (eval mode) on ``images`` (N, 1, H, W): one pass, batched."""
+def forward_with_figures(model: nn.Module, images: torch.Tensor, prototypes: Prototypes,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """``crosssim.train.infer``'s (probabilities, embeddings) and both alarm figures, from one forward pass."""
     model.to(device).eval()
     layers = [m for _, m in batchnorm_modules(model) if m.track_running_stats and m.running_mean is not None]
     moments = [_ChannelMoments() for _ in layers]
     handles = [m.register_forward_pre_hook(hook) for m, hook in zip(layers, moments)]
-    embeddings = []
     try:
-        for start in range(0, len(images), INFERENCE_BATCH_SIZE):
-            _, z = model(images[start:start + INFERENCE_BATCH_SIZE].to(device))
-            embeddings.append(z.float().cpu())
+        probs, embeddings = infer(model, images, device)
     finally:
         for handle in handles:
             handle.remove()
     drifts = [m.drift(layer) for m, layer in zip(moments, layers) if m.count]
-    return {"prototype_distance": prototype_distance(torch.cat(embeddings), prototypes),
-            "bn_drift": sum(drifts) / len(drifts) if drifts else float("nan")}
+    figures = {"prototype_distance": prototype_distance(embeddings, prototypes),
+               "bn_drift": sum(drifts) / len(drifts) if drifts else float("nan")}
+    return probs, embeddings, figures
+
+
+def shift_figures(model: nn.Module, images: torch.Tensor, prototypes: Prototypes,
+                  device: torch.device) -> dict[str, float]:
+    """Both alarm figures of ``model`` (eval mode) on ``images`` (N, 1, H, W)."""
+    return forward_with_figures(model, images, prototypes, device)[2]
 
 
 def site_averaged_figures(model: nn.Module, image_sets: Sequence[torch.Tensor], prototypes: Prototypes,

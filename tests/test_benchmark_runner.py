@@ -184,24 +184,37 @@ def test_run_suite_records_every_method_and_skips_finished_work(tmp_path: Path) 
     assert doc["environment"]["cpu_count"] and doc["classes"] == list(CLASSES) and "commit" in record["oracle"]
 
     calls = len(fake.calls)
-    run(tmp_path, fake, seeds=(0, 1))  # everything is in the results file: nothing runs again
+    run(tmp_path, fake, seeds=(0, 1), resume=True)  # everything is in the results file: nothing runs again
     assert len(fake.calls) == calls
-    run(tmp_path, fake, seeds=(0, 1, 2), methods=["pooled"])  # only the new (seed, method) runs
+    run(tmp_path, fake, seeds=(0, 1, 2), methods=["pooled"], resume=True)  # only the new (seed, method) runs
     assert len(fake.calls) == calls + 4
-    run(tmp_path, fake, seeds=(0,), methods=["pooled"], redo=True)
+    run(tmp_path, fake, seeds=(0,), methods=["pooled"])  # without resume: measured again
     assert len(fake.calls) == calls + 8
     other = acc.Protocol("quick", "quick", 5, 3, 1, 3, 3, {})  # another protocol: earlier figures do not count
-    run(tmp_path, fake, seeds=(0,), methods=["fedbn"], protocol=other)
+    run(tmp_path, fake, seeds=(0,), methods=["fedbn"], protocol=other, resume=True)
     assert len(fake.calls) == calls + 12
 
 
-def test_pending_methods_compares_the_protocol() -> None:
+def test_resume_skips_only_results_of_the_same_protocol_and_code() -> None:
     key = TINY.for_suite("synthetic")
-    doc = {"runs": {"0": {"pooled": {"protocol": key, "figures": {}},
-                          "fedavg": {"protocol": {**key, "rounds": 99}, "figures": {}}}}}
-    assert acc.pending_methods(doc, 0, ["pooled", "fedavg", "oracle"], key) == ["fedavg", "oracle"]
-    assert acc.pending_methods(doc, 1, ["pooled"], key) == ["pooled"]
-    assert acc.pending_methods(doc, 0, ["pooled"], key, redo=True) == ["pooled"]
+    doc = {"runs": {"0": {"pooled": {"protocol": key, "code": "abc", "figures": {}},
+                          "fedavg": {"protocol": {**key, "rounds": 99}, "code": "abc", "figures": {}},
+                          "fedbn": {"protocol": key, "code": "older", "figures": {}}}}}
+    methods = ["pooled", "fedavg", "fedbn", "oracle"]
+    assert acc.pending_methods(doc, 0, methods, key, "abc", resume=True) == ["fedavg", "fedbn", "oracle"]
+    assert acc.pending_methods(doc, 1, ["pooled"], key, "abc", resume=True) == ["pooled"]
+    assert acc.pending_methods(doc, 0, methods, key, "abc") == methods
+
+
+def test_code_fingerprint_follows_source_contents_but_not_results(tmp_path: Path) -> None:
+    (tmp_path / "crosssim").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "crosssim" / "train.py").write_text("lr = 1\n")
+    first = acc.code_fingerprint(tmp_path)
+    (tmp_path / "benchmarks" / "results" / "accuracy-synthetic.json").write_text("{}")
+    assert acc.code_fingerprint(tmp_path) == first
+    (tmp_path / "crosssim" / "train.py").write_text("lr = 2\n")
+    assert acc.code_fingerprint(tmp_path) != first
 
 
 def test_a_failed_method_is_recorded_and_retried(tmp_path: Path) -> None:
@@ -209,7 +222,7 @@ def test_a_failed_method_is_recorded_and_retried(tmp_path: Path) -> None:
     assert "fedprox" not in doc["runs"]["0"] and "fedbn" in doc["runs"]["0"]
     assert "simulated failure" in doc["failures"]["0"]["fedprox"]["error"]
     retry = FakeCrosssim()
-    doc = run(tmp_path, retry)
+    doc = run(tmp_path, retry, resume=True)  # only the failed method runs again
     assert {c[0] for c in retry.calls} == {"simulate", "evaluate"} and len(retry.calls) == 4
     assert "fedprox" in doc["runs"]["0"] and not doc["failures"]["0"]
 

@@ -91,3 +91,25 @@ def test_schedules():
     assert round_lr(1.0, "constant", 3, 4) == 1.0
     assert lambda_for_step(0.5, 0, 2) == 0.0
     assert lambda_for_step(0.5, 1, 2) == 0.25 and lambda_for_step(0.5, 5, 2) == 0.5
+
+
+def test_site_round_sends_batchnorm_statistics_of_its_final_weights_on_unaugmented_images():
+    """After local training, each BN layer's running mean/var are those of the site's own training images."""
+    from crosssim.federated import LocalSite, train_round
+    from crosssim.model import batchnorm_modules
+
+    cfg = _cfg(**{"augment": True, "local-epochs": 1})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, NUM_CLASSES)
+    images, labels = _toy_data()
+    site = LocalSite("site", images, labels, images[:0], labels[:0], load_seconds=0.0)
+    train_round(model, site, cfg, server_round=1, lr=1e-2, lambda_sim=0.0, prototypes=None,
+                device=torch.device("cpu"))
+    first_bn = next(m for _, m in batchnorm_modules(model))
+    captured: list[torch.Tensor] = []
+    handle = first_bn.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
+    infer(model, images, torch.device("cpu"))
+    handle.remove()
+    inputs = torch.cat(captured).transpose(0, 1).flatten(1)  # (channels, N·H·W)
+    assert torch.allclose(first_bn.running_mean, inputs.mean(1), atol=1e-5)
+    assert torch.allclose(first_bn.running_var, inputs.var(1, unbiased=True), rtol=1e-3, atol=1e-5)
