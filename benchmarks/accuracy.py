@@ -155,13 +155,18 @@ def code_fingerprint(repo: Path = REPO_ROOT) -> str:
     return digest.hexdigest()[:16]
 
 
+# What a benchmark run writes itself: its changes do not make the working tree "dirty".
+RESULT_PATHS = ("benchmarks/results", "benchmarks/RESULTS.md")
+
+
 def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
-    """HEAD commit and whether the working tree differs from it (None when git is unavailable)."""
+    """HEAD commit and whether tracked files other than the results differ from it (None without git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                  *[f":(exclude){path}" for path in RESULT_PATHS]]
+        dirty = bool(subprocess.run(status, cwd=repo, capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": head, "dirty": dirty}

@@ -161,7 +161,7 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
            f"Generated {generated} by `python benchmarks/run_all.py --report-only` at commit {head} on "
            f"{platform.platform()} ({_cpu_count()} CPU(s)). Everything below is read from "
            "`benchmarks/results/*.json`;",
-           "`make bench` (`python benchmarks/run_all.py`) reruns what is missing and regenerates this file.", ""]
+           "`make bench` (`python benchmarks/run_all.py`) measures everything again and regenerates this file.", ""]
     out += ["## Target accuracy across hospitals (`benchmarks/accuracy.py`)", "",
             "Each figure is the mean ± sample standard deviation over seeds (the seed also changes the site "
             "splits). Methods are trained on the labeled source sites only and scored on the whole unlabeled "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,17 @@ def test_results_md_renders_from_json(tmp_path: Path) -> None:
 def test_results_md_without_results(tmp_path: Path) -> None:
     text = run_all.render_results_md([], generated="now", commit={"commit": None, "dirty": None})
     assert "No accuracy results yet" in text and "unknown" in text
+
+
+def test_results_written_by_the_run_do_not_mark_the_tree_dirty(tmp_path: Path) -> None:
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "accuracy-synthetic.json").write_text("{}")
+    (tmp_path / "train.py").write_text("lr = 1\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    (tmp_path / "benchmarks" / "results" / "accuracy-synthetic.json").write_text('{"runs": {}}')
+    assert acc.git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "train.py").write_text("lr = 2\n")
+    assert acc.git_commit(tmp_path)["dirty"] is True
