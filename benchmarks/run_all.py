@@ -2,11 +2,11 @@
 
 1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds, every method measured again
    (``--resume``: keep what an interrupted run of the same code already saved);
-2. ``benchmarks/perf.py`` when it exists, then ``benchmarks/load.py``;
+2. ``benchmarks/perf.py``, then ``benchmarks/load.py``;
 3. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
    commit, machine and the exact commands.
 
-    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--work DIR] [--resume] [--report-only]
+    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--full] [--work DIR] [--resume] [--report-only]
 """
 
 from __future__ import annotations
@@ -223,28 +223,37 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
     return Path(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[list[str]]:
+    """The command lines of every benchmark script, in the order they run."""
+    size = "--full" if args.full else "--quick"
+    accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
+    if args.full:
+        accuracy.append(size)
+    if args.work is not None:
+        accuracy += ["--work", str(args.work)]
+    if args.resume:
+        accuracy.append("--resume")
+    return [accuracy, [python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")]]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="accuracy seeds (default 3)")
     parser.add_argument("--jobs", type=int, default=BENCH_JOBS, help=f"parallel accuracy tasks (default {BENCH_JOBS})")
+    parser.add_argument("--full", action="store_true",
+                        help="the larger protocol: full-size sites, 10 rounds (accuracy.py --full, perf.py --full); "
+                             "far longer than the quick one (not timed on 2 CPU cores)")
     parser.add_argument("--work", type=Path, help="accuracy.py work folder (default: its own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run (accuracy.py --resume: same code, same protocol)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md from the JSON")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
-    failed = 0
-    if not args.report_only:
-        python = sys.executable
-        accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
-        if args.work is not None:
-            accuracy += ["--work", str(args.work)]
-        if args.resume:
-            accuracy.append("--resume")
-        failed += run_step(accuracy) != 0
-        if (BENCH_DIR / "perf.py").is_file():
-            failed += run_step([python, str(BENCH_DIR / "perf.py")]) != 0
-        failed += run_step([python, str(BENCH_DIR / "load.py")]) != 0
+    failed = 0 if args.report_only else sum(run_step(step) != 0 for step in bench_steps(args))
     path = write_results_md()
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s in all)", flush=True)
     return 1 if failed else 0

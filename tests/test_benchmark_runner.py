@@ -276,3 +276,12 @@ def test_results_written_by_the_run_do_not_mark_the_tree_dirty(tmp_path: Path) -
     assert acc.git_commit(tmp_path)["dirty"] is False
     (tmp_path / "train.py").write_text("lr = 2\n")
     assert acc.git_commit(tmp_path)["dirty"] is True
+
+
+def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
+    quick = run_all.bench_steps(run_all.parse_args([]), python="py")
+    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "perf.py", "load.py"]
+    assert "--full" not in quick[0] and "--resume" not in quick[0] and quick[1][2] == "--quick"
+    full = run_all.bench_steps(run_all.parse_args(["--full", "--resume", "--seeds", "2"]), python="py")
+    assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--resume"]
+    assert full[1][2] == "--full"
