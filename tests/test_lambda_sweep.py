@@ -1,0 +1,83 @@
+"""The leave-one-source-out λ choice (benchmarks/lambda_sweep.py): never reads the target's labels to choose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import lambda_sweep as sweep
+from tests.test_benchmark_runner import TARGET, TINY, fake_sites, write_csv
+
+SOURCE_IMAGES = ["images/00000.dcm", "images/00001.dcm"]
+
+
+class FakeSweepCrosssim:
+    """Stands in for ``crosssim.cli.main``: a model's accuracy on a held-out source is λ-dependent (best at
+    0.5); on the target every model scores 0.5. Records which label files evaluations read."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.label_files: list[str] = []
+
+    def __call__(self, argv: list[str], log: Path) -> None:
+        self.calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if argv[0] == "simulate":
+            lam = next(float(a.split("=")[1]) for a in argv if a.startswith("lambda-sim="))
+            (out / "final.pt").write_text(json.dumps({"lambda": lam}))
+            return
+        lam = json.loads(Path(argv[argv.index("--checkpoint") + 1]).read_text())["lambda"]
+        self.label_files.append(argv[argv.index("--labels") + 1])
+        on_target = argv[argv.index("--data") + 1].endswith("/target")
+        accuracy = 0.5 if on_target else {0.0: 0.6, 0.5: 0.8, 2.0: 0.7}[lam]
+        rows = [[path, "a", "0.900000", "0.9", "0.1"] for path, _ in TARGET]
+        write_csv(out / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
+        (out / "metrics.json").write_text(json.dumps({
+            "label_free": {"n_images": len(TARGET), "atc_threshold": 0.5, "atc_estimated_accuracy": 0.75},
+            "labeled": {"accuracy": accuracy, "balanced_accuracy": accuracy}}))
+
+
+def test_lambda_is_chosen_on_held_out_sources_then_scored_once_on_the_target(tmp_path: Path) -> None:
+    fake = FakeSweepCrosssim()
+
+    def prepare(name, out_dir, *, seed, size, limit, cache_dir, progress):
+        sites = fake_sites(Path(out_dir) / name)
+        for site in sites.source_sites:
+            write_csv(site / "labels.csv", ["path", "label"], [[p, "a"] for p in SOURCE_IMAGES])
+        return sites
+
+    doc = sweep.run_sweep("synthetic", [0], [0.0, 0.5, 2.0], tmp_path / "work", tmp_path / "results",
+                          protocol=TINY, crosssim=fake, prepare=prepare)
+    record = doc["runs"]["0"]
+    assert record["chosen_lambda"] == 0.5
+    assert record["mean_held_out_accuracy"] == pytest.approx({"0": 0.6, "0.5": 0.8, "2": 0.7})
+    # 3 λ × 3 held-out sources, each trained on the two others; then one run on all three sources
+    simulations = [c for c in fake.calls if c[0] == "simulate"]
+    assert len(simulations) == 10
+    assert all(len(c[c.index("--sites") + 1:c.index("--out")]) == 2 for c in simulations[:9])
+    assert len(simulations[-1][simulations[-1].index("--sites") + 1:simulations[-1].index("--out")]) == 3
+    # the choice reads only source labels; the target's labels are read after, for the chosen λ only
+    target_reads = [i for i, f in enumerate(fake.label_files) if f.endswith("target_labels.csv")]
+    assert len(fake.label_files) - len(target_reads) == 9 and min(target_reads) == 9
+    assert set(record["target"]) == {"none", "adabn", "tent"}
+    assert json.loads((tmp_path / "results" / "lambda-synthetic.json").read_text())["runs"]["0"]["chosen_lambda"] == 0.5
+
+
+def test_ties_go_to_the_smaller_lambda() -> None:
+    assert sweep.choose_lambda({0.0: 0.7, 0.5: 0.7, 2.0: 0.6}) == 0.0
+
+
+def test_sweep_table_row_and_results_md_section(tmp_path: Path) -> None:
+    from benchmarks import run_all
+
+    doc = {"suite": "synthetic", "lambdas": [0.0, 0.5], "runs": {"0": {
+        "mean_held_out_accuracy": {"0": 0.61, "0.5": 0.64}, "chosen_lambda": 0.5,
+        "target": {"none": {"accuracy": 0.55}, "adabn": {"accuracy": 0.6}}}}}
+    assert "| synthetic | 0 | 0.610 | 0.640 | 0.5 | 0.550 | 0.600 |" in sweep.sweep_table(doc)
+    (tmp_path / "lambda-synthetic.json").write_text(json.dumps(doc))
+    text = run_all.write_results_md(tmp_path, tmp_path / "RESULTS.md", generated="now",
+                                    commit={"commit": None, "dirty": None}).read_text()
+    assert "## Choosing λ without target labels" in text and "lambda-synthetic.json" not in text
