@@ -6,7 +6,6 @@ No training: the ``crosssim`` commands are replaced by a fake that writes what t
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 from pathlib import Path
@@ -15,35 +14,7 @@ import pytest
 
 from benchmarks import accuracy as acc
 from benchmarks import run_all
-from benchmarks.datasets import SuiteSites
-
-CLASSES = ("a", "b")
-# target images: (path, true label), classes alternating; the oracle's held-out half is the first four
-TARGET = [(f"images/{i:05d}.dcm", CLASSES[i % 2]) for i in range(8)]
-HELDOUT = TARGET[:4]
-TINY = acc.Protocol("quick", "quick", 5, 2, 1, 2, 3, {})
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def fake_sites(root: Path) -> SuiteSites:
-    sources = [root / "sites" / name for name in ("s1", "s2", "s3")]
-    for folder in sources:
-        folder.mkdir(parents=True, exist_ok=True)
-    target = root / "sites" / "target"
-    target.mkdir(parents=True, exist_ok=True)
-    return SuiteSites("fake", CLASSES, sources, target,
-                      write_csv(root / "sites" / "target_labels.csv", ["path", "label"], [list(r) for r in TARGET]),
-                      root / "oracle" / "train",
-                      write_csv(root / "oracle" / "test_labels.csv", ["path", "label"], [list(r) for r in HELDOUT]))
-
+from tests.bench_fakes import CLASSES, HELDOUT, TARGET, TINY, fake_sites, write_csv
 
 class FakeCrosssim:
     """Stands in for ``crosssim.cli.main``: every model predicts class ``a`` with confidence 0.9, except

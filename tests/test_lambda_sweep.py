@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import lambda_sweep as sweep
-from tests.test_benchmark_runner import TARGET, TINY, fake_sites, write_csv
+from tests.bench_fakes import TARGET, TINY, fake_sites, write_csv
 
 SOURCE_IMAGES = ["images/00000.dcm", "images/00001.dcm"]
 
