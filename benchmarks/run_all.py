@@ -229,8 +229,8 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
     lambda_docs = [doc for path in sorted(results_dir.glob(LAMBDA_GLOB)) if (doc := _read_json(path)) is not None]
     known = {d["_file"] for d in docs} | {"load.json", "perf.json"} | {p.name for p in results_dir.glob(LAMBDA_GLOB)}
     others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
-    Path(out).write_text(render_results_md(docs, load=load, perf=perf, lambda_docs=lambda_docs, other_files=others,
-                                               **kwargs))
+    text = render_results_md(docs, load=load, perf=perf, lambda_docs=lambda_docs, other_files=others, **kwargs)
+    Path(out).write_text(text)
     return Path(out)
 
 
