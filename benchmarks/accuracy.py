@@ -403,6 +403,13 @@ def settings(sites: SuiteSites, suite: str, protocol: Protocol, seed: int, cache
     return flags + ["--seed", str(seed), "--cache", str(cache)]
 
 
+def simulate_argv(sites: Sequence[Path], out: Path, method_flags: Sequence[str], protocol: Protocol,
+                  common: Sequence[str]) -> list[str]:
+    """``crosssim simulate`` over ``sites`` for the protocol's rounds; ``method_flags`` define the method."""
+    return ["simulate", "--sites", *map(str, sites), "--out", str(out), *method_flags,
+            "--rounds", str(protocol.rounds), "--set", f"local-epochs={protocol.local_epochs}", *common]
+
+
 def evaluate_all(run: MethodRun, checkpoint: Path, sites: SuiteSites, out: Path, cache: Path,
                  protocol: Protocol) -> dict[str, dict[str, Any]]:
     """Evaluate one checkpoint on the whole target with every adaptation; figures per adaptation.
@@ -447,9 +454,7 @@ def run_method(method: str, run: MethodRun, sites: SuiteSites, suite: str, seed:
         run(["train", "--sites", *map(str, sites.source_sites), "--out", str(out / "train"), *ce_only, *common])
         return {"figures": evaluate_all(run, out / "train" / "final.pt", sites, out, cache, protocol)}
     if method in FEDERATED_METHODS:
-        run(["simulate", "--sites", *map(str, sites.source_sites), "--out", str(out / "train"),
-             *FEDERATED_METHODS[method], "--rounds", str(protocol.rounds),
-             "--set", f"local-epochs={protocol.local_epochs}", *common])
+        run(simulate_argv(sites.source_sites, out / "train", FEDERATED_METHODS[method], protocol, common))
         return {"figures": evaluate_all(run, out / "train" / "final.pt", sites, out, cache, protocol)}
     if method == "oracle":
         run(["train", "--sites", str(sites.oracle_train), "--out", str(out / "train"), *ce_only, *common])

@@ -27,8 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.accuracy import (DEFAULT_WORK, QUICK, RESULTS_DIR, Crosssim, MethodRun, Protocol,  # noqa: E402
-                                 code_fingerprint, environment, evaluate_all, run_crosssim, say, settings)
+from benchmarks.accuracy import (DEFAULT_WORK, FEDERATED_METHODS, QUICK, RESULTS_DIR, Crosssim,  # noqa: E402
+                                 MethodRun, Protocol, code_fingerprint, environment, evaluate_all, run_crosssim,
+                                 say, settings, simulate_argv)
 from benchmarks.datasets import SUITES, SuiteSites  # noqa: E402
 
 DEFAULT_LAMBDAS = (0.0, 0.5, 2.0)
@@ -38,9 +39,8 @@ DEFAULT_SUITES = ("synthetic", "elpv-mono2poly")
 def federate(run: MethodRun, sites: Sequence[Path], lambda_sim: float, out: Path, protocol: Protocol,
              common: Sequence[str]) -> Path:
     """CrossSim (InfoNCE) at ``lambda_sim`` over ``sites``; returns its final checkpoint."""
-    run(["simulate", "--sites", *map(str, sites), "--out", str(out), "--strategy", "crosssim",
-         "--set", "similarity=infonce", "--set", f"lambda-sim={lambda_sim:g}", "--rounds", str(protocol.rounds),
-         "--set", f"local-epochs={protocol.local_epochs}", *common])
+    run(simulate_argv(sites, out, [*FEDERATED_METHODS["crosssim"], "--set", f"lambda-sim={lambda_sim:g}"],
+                      protocol, common))
     return out / "final.pt"
 
 
