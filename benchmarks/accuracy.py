@@ -48,11 +48,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.datasets` and `crosssim` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.datasets import SUITES, SuiteSites  # noqa: E402
+from crosssim.data.sites import read_labels_csv  # noqa: E402
 
 # ---------------------------------------------------------------- protocol (units in the names)
 
@@ -238,11 +241,6 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
 
 
-def read_label_csv(path: Path) -> dict[str, str]:
-    with Path(path).open(newline="") as handle:
-        return {row["path"]: row["label"] for row in csv.DictReader(handle)}
-
-
 def read_predictions(path: Path) -> dict[str, tuple[str, float]]:
     """predictions.csv of crosssim evaluate → {relative path: (predicted class, confidence)}."""
     with Path(path).open(newline="") as handle:
@@ -251,26 +249,25 @@ def read_predictions(path: Path) -> dict[str, tuple[str, float]]:
 
 def score_on_labels(predictions: Mapping[str, tuple[str, float]], labels: Mapping[str, str],
                     classes: Sequence[str], atc_threshold: float | None) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and ATC error on exactly the paths of ``labels`` (e.g. the held-out half).
+    """Accuracy, balanced accuracy and ATC error (``crosssim.metrics``) on exactly the paths of ``labels``.
 
     Every labeled path must have a prediction (a skipped file is an error, not a silently smaller test set).
     The ATC estimate is the fraction of those paths whose confidence exceeds the checkpoint's threshold.
     """
+    from crosssim.metrics import accuracy, atc_estimate, balanced_accuracy
+
     missing = sorted(set(labels) - set(predictions))
     if missing:
         raise ValueError(f"{len(missing)} labeled path(s) have no prediction, e.g. {missing[0]}")
     paths = sorted(labels)
     index = {c: i for i, c in enumerate(classes)}
-    truth = [index[labels[p]] for p in paths]
-    predicted = [index[predictions[p][0]] for p in paths]
-    correct = [t == p for t, p in zip(truth, predicted)]
-    recalls = [sum(c for c, t in zip(correct, truth) if t == k) / truth.count(k)
-               for k in range(len(classes)) if truth.count(k)]
-    acc = sum(correct) / len(paths)
+    truth = np.array([index[labels[p]] for p in paths])
+    predicted = np.array([index[predictions[p][0]] for p in paths])
+    acc = accuracy(truth, predicted)
     figures: dict[str, Any] = {"n_images": len(paths), "accuracy": acc,
-                               "balanced_accuracy": sum(recalls) / len(recalls)}
+                               "balanced_accuracy": balanced_accuracy(truth, predicted, len(classes))}
     if atc_threshold is not None:
-        estimate = sum(predictions[p][1] > atc_threshold for p in paths) / len(paths)
+        estimate = atc_estimate(np.array([predictions[p][1] for p in paths]), atc_threshold)
         figures.update({"atc_estimated_accuracy": estimate, "atc_abs_error": abs(estimate - acc)})
     else:
         figures.update({"atc_estimated_accuracy": None, "atc_abs_error": None})
@@ -417,7 +414,7 @@ def evaluate_all(run: MethodRun, checkpoint: Path, sites: SuiteSites, out: Path,
     Also scores the held-out oracle half from the same predictions, so methods and oracle compare on one set.
     """
     classes = list(sites.classes)
-    heldout = read_label_csv(sites.oracle_test_labels)
+    heldout = read_labels_csv(sites.oracle_test_labels)
     figures = {}
     for adapt in ADAPTS:
         eval_dir = out / f"eval-{adapt}"
@@ -463,7 +460,7 @@ def run_method(method: str, run: MethodRun, sites: SuiteSites, suite: str, seed:
              "--out", str(eval_dir), "--cache", str(cache), "--adapt", "none"])  # no --labels: half is training data
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         scored = score_on_labels(read_predictions(eval_dir / "predictions.csv"),
-                                 read_label_csv(sites.oracle_test_labels), list(sites.classes),
+                                 read_labels_csv(sites.oracle_test_labels), list(sites.classes),
                                  _float_or_none(metrics["label_free"].get("atc_threshold")))
         return {"figures": {"none": scored}}
     raise ValueError(f"unknown method {method!r} (available: {', '.join(METHODS)})")

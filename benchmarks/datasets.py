@@ -29,7 +29,6 @@ size, limit) is reused as it is. Sizes are in ``SIZE_CAPS`` and benchmarks/READM
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import UID
 
-from crosssim.data.sites import LABELS_FILENAME, read_labels_csv
+from crosssim.data.sites import LABELS_FILENAME, read_labels_csv, write_labels_csv
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import (SOP_CLASS_UIDS, class_counts, generate_hospitals, load_preset,
                                   new_part10_dataset)
@@ -234,16 +233,6 @@ def write_grayscale_dicom(path: Path, pixels: np.ndarray, *, manufacturer: str, 
     ds.set_pixel_data(pixels, "MONOCHROME2", 8 * pixels.dtype.itemsize, generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write_labels_csv(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
-    """``path,label`` CSV (the data contract's labels.csv format)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "label"])
-        writer.writerows(rows)
     return path
 
 

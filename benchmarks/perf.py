@@ -51,23 +51,23 @@ if str(ROOT) not in sys.path:
 
 import torch
 import torch.nn.functional as F
-from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType,
-                      Metadata, MetricRecord, RecordDict)
+from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord,
+                      RecordDict)
 from flwr.common.serde import array_record_to_proto, config_record_to_proto, metric_record_to_proto
 
 from benchmarks.load import measure as measure_site_load
 from client.app import app as client_app
+from crosssim.boundary import (ARRAYS_RECORD, CONFIG_RECORD, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, ROUNDS_LOG_NAME,
+                               SERVER_ROUND)
 from crosssim.config import CrossSimConfig, load_config
 from crosssim.data.sites import load_site
+from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
 from crosssim.evaluate import evaluate_site
-from crosssim.federated import (ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, PROTOTYPES_RECORD,
-                                ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, LocalSite, federated_classes,
-                                prototypes_to_arrays, round_schedule, to_wire, wire_config)
+from crosssim.federated import LocalSite, federated_classes, prototypes_to_arrays, round_schedule, to_wire, wire_config
 from crosssim.model import build_model
 from crosssim.prototypes import compute_prototypes
 from crosssim.train import infer, resolve_device, seed_everything, train_local
-from server.store import ROUNDS_LOG_NAME
 from tests.test_deployment import descendants, free_ports, launch, stop
 
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "perf.json"
@@ -97,7 +97,7 @@ SIZES = {"quick": Sizes(images_per_site=160, epochs=1, repeats=5, load_repeats=2
                         accuracy_rounds=8, tiny_images=24, many_sites=20, many_rounds=2),
          "full": Sizes(images_per_site=480, epochs=2, repeats=7, load_repeats=3, deploy_rounds=3,
                        accuracy_rounds=12, tiny_images=48, many_sites=20, many_rounds=3)}
-TINY_SETTINGS = {"image-size": TINY_SIZE_PX, "local-epochs": 1, "min-count": 2}
+TINY_SETTINGS = {"classes": ",".join(SYNTH_CLASSES), "image-size": TINY_SIZE_PX, "local-epochs": 1, "min-count": 2}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -132,8 +132,8 @@ def _fmt(value: float) -> str:
 
 
 def _cfg(overrides: dict[str, Any] | None = None) -> CrossSimConfig:
-    """configs/default.toml with ``overrides``: the product's defaults unless a step says otherwise."""
-    return load_config(None, overrides or {})
+    """configs/default.toml with ``overrides`` and the synthetic hospitals' classes: the product's defaults."""
+    return load_config(None, {"classes": ",".join(SYNTH_CLASSES), **(overrides or {})})
 
 
 def _set_flags(overrides: dict[str, Any]) -> list[str]:

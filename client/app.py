@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import task
+from crosssim.config import ConfigError
+from crosssim.data.sites import SiteError
+
+# Error code of a reply in which the site refuses the message itself (bad labels, bad config): one line, no traceback.
+SITE_REFUSED_CODE = 100
+Handler = Callable[[RecordDict, Context, Mapping[str, Any]], RecordDict]
+
+
+def reply(msg: Message, context: Context, handler: Handler, run_settings: Mapping[str, Any]) -> Message:
+    """``handler``'s records as the reply; a data or config problem at this site becomes a one-line error reply."""
+    try:
+        return Message(content=handler(msg.content, context, run_settings), reply_to=msg)
+    except (SiteError, ConfigError) as exc:
+        print(f"crosssim client: refused {msg.metadata.message_type} message: {exc}", flush=True)
+        return Message(Error(code=SITE_REFUSED_CODE, reason=str(exc)), reply_to=msg)
 
 
 def build_client_app(settings: Mapping[str, Any] | None = None) -> ClientApp:
@@ -20,11 +35,11 @@ def build_client_app(settings: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return Message(content=task.train(msg.content, context, run_settings(context)), reply_to=msg)
+        return reply(msg, context, task.train, run_settings(context))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return Message(content=task.evaluate(msg.content, context, run_settings(context)), reply_to=msg)
+        return reply(msg, context, task.evaluate, run_settings(context))
 
     return app
 

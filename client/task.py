@@ -9,20 +9,17 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
-from client.launch import NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY
+from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, CONFIG_RECORD, METRICS_RECORD, NODE_CACHE_KEY,
+                               NODE_DATA_KEY, NODE_SITE_KEY, PARTITION_ID_KEY, PROTOTYPES_RECORD, ROUND_LAMBDA,
+                               ROUND_LR, SERVER_ROUND, SITE_DIRS_KEY)
 from crosssim.config import CrossSimConfig
 from crosssim.data.sites import load_site
-from crosssim.federated import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, CONFIG_RECORD, METRICS_RECORD,
-                                PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, SITE_DIRS_KEY,
-                                LocalSite, config_from_wire, evaluate_round, federated_classes, from_wire,
-                                merge_state, prototypes_from_arrays, prototypes_to_arrays, sendable_state,
-                                site_dirs, split_state, to_wire, train_metrics, train_round)
-from crosssim.model import CrossSimNet, batchnorm_state_keys, build_model
+from crosssim.federated import (LocalSite, config_from_wire, evaluate_round, federated_classes, from_wire,
+                                local_state_keys, merge_state, prototypes_from_arrays, prototypes_to_arrays,
+                                sendable_state, site_dirs, split_state, to_wire, train_metrics, train_round)
+from crosssim.model import CrossSimNet, build_model
 from crosssim.prototypes import Prototypes
 from crosssim.train import configure_threads, resolve_device
-
-# Simulation: Flower gives each virtual node its partition id, the index into run config 'site-dirs'.
-PARTITION_ID_KEY = "partition-id"
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def _setup(content: RecordDict, context: Context,
     site = load_site(location.folder, cfg.data, labeled=True, classes=classes, name=location.name,
                      cache_dir=cfg.data.cache_dir or None)
     model = build_model(cfg.model, len(classes))
-    local_keys = batchnorm_state_keys(model) if cfg.method.strategy == "fedbn" else set()
+    local_keys = local_state_keys(model, cfg.method.strategy)
     state = merge_state(model.state_dict(), from_wire(content[ARRAYS_RECORD].to_torch_state_dict()))
     if local_keys and BATCHNORM_STATE_RECORD in context.state:
         state = merge_state(state, context.state[BATCHNORM_STATE_RECORD].to_torch_state_dict())
@@ -92,7 +89,7 @@ def train(content: RecordDict, context: Context, run_settings: Mapping[str, Any]
     return RecordDict({
         ARRAYS_RECORD: ArrayRecord(to_wire(sendable_state(model, local_keys), cfg.federation.update_dtype)),
         PROTOTYPES_RECORD: ArrayRecord(prototypes_to_arrays(protos)),
-        METRICS_RECORD: MetricRecord(train_metrics(result, compute_seconds, site.load_seconds)),
+        METRICS_RECORD: MetricRecord(train_metrics(result, site, cfg, compute_seconds)),
     })
 
 

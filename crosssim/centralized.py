@@ -12,7 +12,7 @@ import torch
 from crosssim.adapt import adabn
 from crosssim.checkpoint import Checkpoint, SourceStats, save_checkpoint
 from crosssim.config import CrossSimConfig, save_config
-from crosssim.data.sites import SiteData, SiteError, load_site, read_labels_csv, site_labels_path
+from crosssim.data.sites import SiteData, load_site, union_of_labels, with_site_classes
 from crosssim.fileio import atomic_write_text
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, compute_prototypes
@@ -23,22 +23,9 @@ from crosssim.train import (configure_threads, infer, lambda_for_step, resolve_d
 Progress = Callable[[str], None] | None
 
 
-def shared_classes(site_dirs: Sequence[str | Path], cfg: CrossSimConfig) -> tuple[str, ...]:
-    """Classes from the config, else the sorted union of every site's labels."""
-    if cfg.data.classes:
-        return tuple(cfg.data.classes)
-    labels: set[str] = set()
-    for folder in site_dirs:
-        labels_file = site_labels_path(Path(folder))
-        if labels_file is None:
-            raise SiteError(f"{folder}: labeled site needs labels.csv (header 'path,label')")
-        labels.update(read_labels_csv(labels_file).values())
-    return tuple(sorted(labels))
-
-
 def load_labeled_sites(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, cache_dir: str | Path | None,
                        progress: Progress = None) -> list[SiteData]:
-    classes = shared_classes(site_dirs, cfg)
+    classes = tuple(cfg.data.classes) or union_of_labels(site_dirs)
     sites = []
     for folder in site_dirs:
         site = load_site(folder, cfg.data, labeled=True, classes=classes, cache_dir=cache_dir, progress=progress)
@@ -72,6 +59,7 @@ def train_pooled(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out_dir: 
     """Train on the union of ``site_dirs``; write ``final.pt``, ``config.toml`` and reports to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = with_site_classes(cfg, site_dirs, progress)
     save_config(cfg, out_dir / "config.toml")
     seed_everything(cfg.seed)
     configure_threads(cfg.train)
@@ -101,8 +89,9 @@ def train_pooled(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out_dir: 
     per_site = [site.images[site.split(cfg.data.val_fraction, cfg.seed + i)[part]] for i, site in enumerate(sites)]
     source = SourceStats.from_predictions(probs, reference_y, train_y, len(classes),
                                           site_averaged_figures(model, per_site, protos, device))
+    class_counts = {c: sum(site.report.class_counts.get(c, 0) for site in sites) for c in classes}
     ckpt = Checkpoint(model.state_dict(), cfg, list(classes), protos, source, kind="pooled",
-                      extra={"sites": [s.name for s in sites]})
+                      extra={"sites": [s.name for s in sites], "class_counts": class_counts})
     path = save_checkpoint(ckpt, out_dir / "final.pt")
     atomic_write_text(out_dir / "data_report.json",
                       json.dumps([s.report.to_dict() for s in sites], indent=2))

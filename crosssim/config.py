@@ -218,6 +218,10 @@ def validate(cfg: CrossSimConfig) -> None:
         raise ConfigError("config key 'image-size': must be at least 8 pixels")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("config key 'val-fraction': must be in [0, 1)")
+    bad_classes = [c for c in cfg.data.classes if not c or "," in c or c != c.strip()]
+    if bad_classes or len(set(cfg.data.classes)) != len(cfg.data.classes):
+        raise ConfigError(f"config key 'classes': names must be unique, non-empty, without commas or surrounding "
+                          f"spaces (got {list(cfg.data.classes)})")
     if cfg.method.min_count < 1:
         raise ConfigError("config key 'min-count': must be at least 1")
 
@@ -243,6 +247,11 @@ def to_flat(cfg: CrossSimConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def to_run_config(cfg: CrossSimConfig) -> dict[str, str | int | float | bool]:
+    """Config as Flower run-config values (scalars only: lists become comma-separated strings)."""
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in to_flat(cfg).items()}
 
 
 def _plain(value: Any) -> Any:

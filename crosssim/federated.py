@@ -20,39 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from crosssim.adapt import adabn
+from crosssim.boundary import (COMPUTE_SECONDS, CONFIDENCE_HISTOGRAM, LOAD_SECONDS, NUM_EXAMPLES, PROTOTYPE_COUNTS,
+                               PROTOTYPE_VECTORS, SHIFT_PREFIX, SITE_CLASS_COUNTS, TRAIN_CLASS_COUNTS)
 from crosssim.checkpoint import SHIFT_REFERENCE_KEY, SourceStats
 from crosssim.config import FIELD_INDEX, ConfigError, CrossSimConfig, load_config, to_flat
 from crosssim.data.sites import SiteData
 from crosssim.metrics import confidence_histogram
-from crosssim.model import CrossSimNet
+from crosssim.model import CrossSimNet, batchnorm_state_keys
 from crosssim.prototypes import Prototypes, compute_prototypes, privatize
 from crosssim.shift import aggregate_figures, forward_with_figures
 from crosssim.train import TrainResult, infer, lambda_for_step, round_lr, train_local
-
-# Record names inside a message (Flower RecordDict keys) and inside the prototypes record.
-ARRAYS_RECORD = "arrays"
-CONFIG_RECORD = "config"
-METRICS_RECORD = "metrics"
-PROTOTYPES_RECORD = "prototypes"
-BATCHNORM_STATE_RECORD = "batchnorm"  # a site's own BatchNorm layers under FedBN (Context.state)
-PROTOTYPE_VECTORS = "vectors"
-PROTOTYPE_COUNTS = "counts"
-
-# Run-config key naming every site folder in a simulation (comma-separated; partition i = folder i).
-SITE_DIRS_KEY = "site-dirs"
-
-# Per-round instructions the server adds to the flat config it sends.
-SERVER_ROUND = "server-round"
-ROUND_LR = "round-lr"
-ROUND_LAMBDA = "round-lambda"
-
-# Metric names in train / evaluate replies. "num-examples" weighs Flower's averaging.
-NUM_EXAMPLES = "num-examples"
-COMPUTE_SECONDS = "compute-s"  # local training + prototypes (train) or inference (evaluate)
-LOAD_SECONDS = "load-s"  # reading the site through the hospital-side cache
-CONFIDENCE_HISTOGRAM = "confidence-histogram"
-TRAIN_CLASS_COUNTS = "train-class-counts"
-SHIFT_PREFIX = "shift/"  # + a crosssim.shift figure name: that figure on the site's validation split
 
 STRATEGIES_WITH_SIMILARITY = ("crosssim",)
 # Floating-point dtype of model weights on the wire (config key update-dtype); math is float32 everywhere.
@@ -140,6 +117,11 @@ def prototypes_from_arrays(arrays: Mapping[str, torch.Tensor], num_classes: int,
     return Prototypes(vectors.float(), counts.to(torch.int64))
 
 
+def local_state_keys(model: nn.Module, strategy: str) -> set[str]:
+    """state_dict keys that never leave a site: its BatchNorm layers under FedBN, nothing otherwise."""
+    return batchnorm_state_keys(model) if strategy == "fedbn" else set()
+
+
 def split_state(state: Mapping[str, torch.Tensor], local_keys: set[str]) -> tuple[dict, dict]:
     """(shared tensors, site-local tensors) of a state_dict."""
     shared = {k: v for k, v in state.items() if k not in local_keys}
@@ -209,10 +191,15 @@ def train_round(model: nn.Module, site: LocalSite, cfg: CrossSimConfig, *, serve
     return result, protos, time.perf_counter() - started
 
 
-def train_metrics(result: TrainResult, compute_seconds: float, load_seconds: float) -> dict[str, float | int]:
+def train_metrics(result: TrainResult, site: LocalSite, cfg: CrossSimConfig,
+                  compute_seconds: float) -> dict[str, float | int | list[int]]:
+    """Scalars of a local round, plus the site's class counts (small cells sent as 0, like prototypes)."""
+    num_classes = len(federated_classes(cfg))
+    counts = reportable_counts(torch.cat([site.train_y, site.val_y]), num_classes, cfg.method.min_count)
     return {NUM_EXAMPLES: result.num_examples, "loss": result.loss, "ce-loss": result.ce_loss,
             "sim-loss": result.sim_loss, "train-accuracy": result.train_accuracy,
-            COMPUTE_SECONDS: compute_seconds, LOAD_SECONDS: load_seconds}
+            COMPUTE_SECONDS: compute_seconds, LOAD_SECONDS: site.load_seconds,
+            SITE_CLASS_COUNTS: [int(c) for c in counts]}
 
 
 def evaluate_round(model: CrossSimNet, site: LocalSite, cfg: CrossSimConfig, prototypes: Prototypes | None,

@@ -10,18 +10,13 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from crosssim.boundary import CONFIG_FILE_KEY, DEFAULT_OUT, OUT_KEY, RESUME_KEY, SITE_DIRS_KEY
 from crosssim.config import FIELD_INDEX, ConfigError, CrossSimConfig, load_config
-from crosssim.federated import SITE_DIRS_KEY, federated_classes, site_dirs, wire_config
+from crosssim.federated import federated_classes, site_dirs, wire_config
 from crosssim.model import build_model
 from crosssim.train import seed_everything
 from server.store import RunStore
 from server.strategy import build_strategy
-
-# Run-config keys beyond the config's own (declared in pyproject's [tool.flwr.app.config]).
-CONFIG_FILE_KEY = "config-file"
-OUT_KEY = "out"
-RESUME_KEY = "resume"
-DEFAULT_OUT = "runs/federated"
 
 Progress = Callable[[str], None]
 
@@ -35,7 +30,7 @@ class ServerSettings:
 
 
 def server_settings(run_settings: Mapping[str, Any]) -> ServerSettings:
-    """configs/default.toml, then ``config-file``, then any config key set in the run config."""
+    """configs/default.toml, then ``config-file``, then every config key the run config sets (empty = unset)."""
     overrides = {k: v for k, v in run_settings.items() if k in FIELD_INDEX and v != ""}
     cfg = load_config(str(run_settings.get(CONFIG_FILE_KEY) or "") or None, overrides)
     if cfg.federation.rounds < 1:
@@ -67,8 +62,8 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = pr
                               prototypes=prototypes, progress=progress)
     remaining = cfg.federation.rounds - done
     if remaining > 0:
-        progress(f"{cfg.method.strategy}: rounds {done + 1}-{cfg.federation.rounds}, waiting for "
-                 f"{settings.num_sites} site(s); writing to {store.out}")
+        progress(f"{cfg.method.strategy}: rounds {done + 1}-{cfg.federation.rounds}, classes {', '.join(classes)}, "
+                 f"waiting for {settings.num_sites} site(s); writing to {store.out}")
         strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
                        timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(wire_config(cfg)),
                        evaluate_config=ConfigRecord(wire_config(cfg)), evaluate_fn=strategy.finish_round)

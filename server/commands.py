@@ -37,6 +37,8 @@ def _server(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args)
     if args.min_sites is not None:
         overrides["min-sites"] = args.min_sites
+    if args.classes is not None:
+        overrides["classes"] = args.classes
     return serve(config_from_args(args, overrides), args)
 
 

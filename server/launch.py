@@ -3,7 +3,10 @@
 Raw Flower equivalent (printed by ``--dry-run``)::
 
     flower-superlink --insecure --host H --port P --disable-runtime-dependency-installation
-    FLWR_HOME=RUN/.flwr flwr run APP_ROOT crosssim --stream --run-config 'out=… config-file=…'
+    FLWR_HOME=RUN/.flwr flwr run APP_ROOT crosssim --stream --run-config 'seed=0 … out="RUN" resume=false'
+
+The whole effective config travels as run-config values (every key is declared in pyproject's
+``[tool.flwr.app.config]``); the ServerApp writes it to ``RUN/config.toml``.
 """
 
 from __future__ import annotations
@@ -12,17 +15,16 @@ import argparse
 import time
 from pathlib import Path
 
-from crosssim.config import CrossSimConfig, save_config
-from server.processes import (Children, describe_command, flower_env, key_values,
-                              local_address, stop_on_sigterm, toml_string, wait_for_port)
+from crosssim.boundary import FLWR_HOME_DIRNAME, OUT_KEY, RESUME_KEY, SUPERLINK_LOG_NAME, final_checkpoint
+from crosssim.config import CrossSimConfig, to_run_config
+from crosssim.processes import (Children, LaunchError, describe_command, flower_env, key_values, local_address,
+                                require_free_port, require_pem, stop_on_sigterm, toml_string, wait_for_port)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only; 0.0.0.0 accepts hospitals on other machines
 DEFAULT_SUPERLINK_PORT = 8000  # Flower's default: one HTTP port for the Fleet, Control and Runtime APIs
 SUPERLINK_START_TIMEOUT_S = 60.0
 CONNECTION_NAME = "crosssim"  # the SuperLink connection `flwr run` uses, in RUN/.flwr/config.toml
-FLWR_HOME_DIRNAME = ".flwr"
-SUPERLINK_LOG_NAME = "superlink.log"
-FLWR_CONFIG_NAME = "config.toml"
+FLWR_CONFIG_NAME = "config.toml"  # inside FLWR_HOME
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,11 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help=f"SuperLink port for hospitals and `flwr` (default {DEFAULT_SUPERLINK_PORT})")
     parser.add_argument("--min-sites", type=int, metavar="K", help="hospitals to wait for before each round "
                         "(overrides the config's min-sites)")
+    parser.add_argument("--classes", metavar="A,B,...", help="the class names every hospital's labels.csv uses "
+                        "(required unless the config sets 'classes'; sites never share their labels beforehand)")
+    parser.add_argument("--run-config", metavar="'KEY=VALUE ...'",
+                        help="extra overrides passed as they are to `flwr run --run-config` (TOML values), "
+                             "after the config's own; e.g. 'lambda-sim=0.25 rounds=5'")
     parser.add_argument("--app", metavar="DIR", help="Flower app root (default: this CrossSim checkout)")
     security = parser.add_argument_group("transport security")
     security.add_argument("--insecure", action="store_true", default=True,
@@ -47,7 +54,7 @@ def default_app_root() -> Path:
     root = Path(__file__).resolve().parent.parent
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise RuntimeError(f"no Flower app found at {root}; pass --app DIR (the CrossSim source checkout)")
+        raise LaunchError(f"no Flower app found at {root}; pass --app DIR (the CrossSim source checkout)")
     return root
 
 
@@ -56,8 +63,17 @@ def _tls_files(args: argparse.Namespace) -> tuple[str, str, str] | None:
     if not any(files):
         return None
     if not all(files):
-        raise ValueError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
+        raise LaunchError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
     return files
+
+
+def check_tls_files(args: argparse.Namespace) -> None:
+    """Each given certificate and key exists and is PEM, before anything starts."""
+    tls = _tls_files(args)
+    if tls is not None:
+        require_pem(tls[0], "certificate", "--ssl-ca-certfile")
+        require_pem(tls[1], "certificate", "--ssl-certfile")
+        require_pem(tls[2], "private key", "--ssl-keyfile")
 
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
@@ -78,32 +94,36 @@ def flwr_config_text(args: argparse.Namespace) -> str:
             f'address = "{address}"\n{security}\n')
 
 
-def run_command(args: argparse.Namespace, app_root: Path, out: Path) -> list[str]:
-    """`flwr run` with the run folder and its config file as run-config overrides (keys in pyproject)."""
-    from server.app import CONFIG_FILE_KEY, OUT_KEY, RESUME_KEY
-    from server.store import CONFIG_NAME
+def run_command(cfg: CrossSimConfig, args: argparse.Namespace, app_root: Path, out: Path) -> list[str]:
+    """`flwr run` with the effective config, the run folder and resume as run-config values."""
+    values = {**to_run_config(cfg), OUT_KEY: str(out), RESUME_KEY: bool(args.resume)}
+    command = ["flwr", "run", str(app_root), CONNECTION_NAME, "--stream", "--run-config", key_values(values)]
+    return command + (["--run-config", args.run_config] if args.run_config else [])
 
-    overrides = {OUT_KEY: str(out), CONFIG_FILE_KEY: str(out / CONFIG_NAME), RESUME_KEY: bool(args.resume)}
-    return ["flwr", "run", str(app_root), CONNECTION_NAME, "--stream",
-            "--run-config", key_values(overrides)]
+
+def require_classes(cfg: CrossSimConfig) -> None:
+    if not cfg.data.classes:
+        raise LaunchError("no classes: pass --classes A,B (the labels every hospital's labels.csv uses) or set "
+                          "'classes' in the config; the server never sees the sites' labels, so it cannot take "
+                          "their union")
 
 
 def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
     """Start the SuperLink, submit the run, stream it, stop everything; 0 when final.pt was written."""
-    from server.store import CONFIG_NAME, FINAL_NAME
-
+    require_classes(cfg)
     out = Path(args.out).resolve()
     flwr_home = out / FLWR_HOME_DIRNAME
     app_root = Path(args.app).resolve() if args.app else default_app_root()
-    superlink, flwr_run = superlink_command(args), run_command(args, app_root, out)
+    superlink, flwr_run = superlink_command(args), run_command(cfg, args, app_root, out)
     env = {"FLWR_HOME": str(flwr_home)}
     if args.dry_run:
         print(f"# {flwr_home / FLWR_CONFIG_NAME}\n{flwr_config_text(args)}")
         print(describe_command(superlink, env))
         print(describe_command(flwr_run, env))
         return 0
+    check_tls_files(args)
+    require_free_port(args.host, args.port, "--port")
     started = time.time()
-    save_config(cfg, out / CONFIG_NAME)
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / FLWR_CONFIG_NAME).write_text(flwr_config_text(args))
     stop_on_sigterm()
@@ -115,11 +135,11 @@ def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
             print(f"SuperLink listening on {args.host}:{args.port} (log: {out / SUPERLINK_LOG_NAME}); hospitals join "
                   f"with: crosssim client --superlink HOST:{args.port} --data DIR --site NAME", flush=True)
             print(f"waiting for {cfg.federation.min_sites} site(s), then {cfg.federation.rounds} round(s) of "
-                  f"{cfg.method.strategy}", flush=True)
+                  f"{cfg.method.strategy} over classes {', '.join(cfg.data.classes)}", flush=True)
             code = children.start(flwr_run, flower_env(env)).wait()
     finally:
         children.stop_all()
-    final = out / FINAL_NAME
+    final = final_checkpoint(out)
     if code != 0 or not final.is_file() or final.stat().st_mtime < started:
         print(f"crosssim server: the run did not finish (flwr run exit code {code}; see the log above and "
               f"{out / SUPERLINK_LOG_NAME})")

@@ -9,11 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from crosssim.config import CrossSimConfig, save_config
-from crosssim.data.sites import SiteError, site_labels_path
-from crosssim.federated import SITE_DIRS_KEY, federated_classes
-from server.app import CONFIG_FILE_KEY, OUT_KEY, RESUME_KEY
-from server.store import CONFIG_NAME, FINAL_NAME
+from crosssim.boundary import OUT_KEY, RESUME_KEY, SITE_DIRS_KEY, final_checkpoint
+from crosssim.config import CrossSimConfig, to_run_config
+from crosssim.data.sites import labels_file_of, with_site_classes
 
 Progress = Callable[[str], None]
 
@@ -41,11 +39,10 @@ def simulate(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out: str | Pa
 
     folders = [Path(d).resolve() for d in site_dirs]
     for folder in folders:
-        if site_labels_path(folder) is None:
-            raise SiteError(f"{folder}: a training site needs a folder with labels.csv")
-    federated_classes(cfg)
+        labels_file_of(folder)  # a clear error now rather than a failed reply from every round
+    cfg = with_site_classes(cfg, folders, progress)
     out = Path(out).resolve()
-    settings = {CONFIG_FILE_KEY: str(save_config(cfg, out / CONFIG_NAME)), OUT_KEY: str(out), RESUME_KEY: resume,
+    settings = {**to_run_config(cfg), OUT_KEY: str(out), RESUME_KEY: resume,
                 SITE_DIRS_KEY: ",".join(str(f) for f in folders)}
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -59,7 +56,7 @@ def simulate(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out: str | Pa
         import ray  # Flower's simulation backend; stop its processes now rather than at interpreter exit
 
         ray.shutdown()
-    final = out / FINAL_NAME
+    final = final_checkpoint(out)
     if not final.is_file():
         raise RuntimeError(f"the simulation ended without {final} (see the errors above)")
     return final

@@ -1,19 +1,44 @@
-"""A federated run's folder: effective config, one JSON line per round, atomic checkpoints per round."""
+"""A federated run's folder: effective config, one RoundRecord per line, atomic checkpoints per round."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosssim.boundary import (FINAL_NAME, LATEST_NAME, ROUND_CHECKPOINT_GLOB, ROUNDS_LOG_NAME, RUN_CONFIG_NAME,
+                               round_checkpoint_name)
 from crosssim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crosssim.config import CrossSimConfig, save_config
 
-CONFIG_NAME = "config.toml"
-ROUNDS_LOG_NAME = "rounds.jsonl"
-LATEST_NAME = "latest.pt"
-FINAL_NAME = "final.pt"
-ROUND_PATTERN = "round-*.pt"
+
+@dataclass
+class RoundRecord:
+    """One line of ``rounds.jsonl``; the strategy fills it as Flower's round proceeds."""
+
+    round: int
+    lr: float
+    lambda_sim: float  # written as "lambda"
+    sites: int = 0  # train replies aggregated
+    failures: list[str] = field(default_factory=list)  # train replies that failed: "node N: reason"
+    examples: int = 0
+    train: dict[str, float] = field(default_factory=dict)  # Flower's weighted average of the scalar metrics
+    train_compute_s: list[float] = field(default_factory=list)  # per site
+    load_s: list[float] = field(default_factory=list)  # per site
+    class_counts: dict[str, list[int]] = field(default_factory=dict)  # "node N" → images per class (small as 0)
+    train_s: float = 0.0
+    evaluate: dict[str, float] = field(default_factory=dict)
+    evaluate_failures: list[str] = field(default_factory=list)
+    evaluate_compute_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    checkpoint: str = ""
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = dataclasses.asdict(self)
+        doc["lambda"] = doc.pop("lambda_sim")
+        return json.dumps(doc)
 
 
 class RunStore:
@@ -24,7 +49,7 @@ class RunStore:
 
     @property
     def config_path(self) -> Path:
-        return self.out / CONFIG_NAME
+        return self.out / RUN_CONFIG_NAME
 
     @property
     def rounds_log(self) -> Path:
@@ -39,11 +64,11 @@ class RunStore:
         return self.out / FINAL_NAME
 
     def round_path(self, server_round: int) -> Path:
-        return self.out / f"round-{server_round:04d}.pt"
+        return self.out / round_checkpoint_name(server_round)
 
     def start_fresh(self) -> None:
         """Forget an earlier run's rounds in this folder (only the files this store writes)."""
-        for path in [*self.out.glob(ROUND_PATTERN), self.latest_path, self.final_path, self.rounds_log]:
+        for path in [*self.out.glob(ROUND_CHECKPOINT_GLOB), self.latest_path, self.final_path, self.rounds_log]:
             path.unlink(missing_ok=True)
 
     def resume_point(self) -> Checkpoint | None:
@@ -58,6 +83,7 @@ class RunStore:
         return ckpt
 
     def save_config(self, cfg: CrossSimConfig) -> Path:
+        """The run's effective config: this is its one writer."""
         return save_config(cfg, self.config_path)
 
     def save_round(self, ckpt: Checkpoint) -> Path:
@@ -69,7 +95,7 @@ class RunStore:
     def save_final(self, ckpt: Checkpoint) -> Path:
         return save_checkpoint(ckpt, self.final_path)
 
-    def log_round(self, record: dict[str, Any]) -> None:
+    def log_round(self, record: RoundRecord) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.rounds_log, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(record.to_json() + "\n")

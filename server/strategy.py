@@ -1,9 +1,12 @@
-"""CrossSimStrategy: Flower's FedAvg (FedProx for strategy=fedprox) plus prototypes, FedBN and checkpoints.
+"""CrossSimStrategy: Flower's FedAvg plus prototypes, FedBN, checkpoints and the round log.
 
 Per round, in Flower's order: ``configure_train`` (round LR and λ, global prototypes) → ``aggregate_train``
 (count-weighted prototypes taken out of each reply, then FedAvg averages the one ArrayRecord left) →
 ``configure_evaluate`` → ``aggregate_evaluate`` (pooled validation summaries = the ATC reference) →
-``finish_round`` (passed as ``evaluate_fn``: checkpoint, JSON line, progress line).
+``finish_round`` (passed as ``evaluate_fn``: checkpoint, RoundRecord line, progress line).
+
+Every baseline is this one class: ``strategy`` is a config value the sites read (FedProx's ``proximal-mu``
+travels in the config like every other key; FedBN's local layers are ``crosssim.federated.local_state_keys``).
 
 ``update-dtype = float16``: weights travel as float16 both ways; replies are cast to float32 before FedAvg
 averages them, and the global state and checkpoints stay float32.
@@ -11,6 +14,7 @@ averages them, and the global state and checkpoints stay float32.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,20 +22,22 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS, METRICS_RECORD,
+                               NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SITE_CLASS_COUNTS)
 from crosssim.checkpoint import Checkpoint, SourceStats
 from crosssim.config import CrossSimConfig
-from crosssim.federated import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS, METRICS_RECORD,
-                                NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, from_wire, merge_state,
-                                prototypes_from_arrays, prototypes_to_arrays, round_schedule, source_stats,
-                                to_wire)
-from crosssim.model import batchnorm_state_keys, build_model
+from crosssim.federated import (from_wire, local_state_keys, merge_state, prototypes_from_arrays,
+                                prototypes_to_arrays, round_schedule, source_stats, to_wire)
+from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, aggregate_prototypes
-from server.store import RunStore
+from server.store import RoundRecord, RunStore
 
 Progress = Callable[[str], None]
+# Flower wraps an exception raised in a ClientApp as "<class 'T'>:<'message'>"; CrossSim's own refusals are one line.
+FLOWER_EXCEPTION_REASON = re.compile(r"^<class '(?P<type>[^']+)'>:<'(?P<message>.*)'>$", re.DOTALL)
 
 
 def scalar_metrics_average(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -40,18 +46,28 @@ def scalar_metrics_average(records: list[RecordDict], weighted_by_key: str) -> M
     return MetricRecord({k: v for k, v in averaged.items() if not isinstance(v, list)})
 
 
+def failure_line(msg: Message) -> str:
+    """``node N: reason`` on one line, whether the site refused the message itself or Flower caught an exception."""
+    reason = str(msg.error.reason)
+    match = FLOWER_EXCEPTION_REASON.match(reason.strip())
+    if match:
+        message = match["message"].strip().splitlines()[-1] if match["message"].strip() else ""
+        reason = f"{match['type'].rsplit('.', 1)[-1]}: {message.removeprefix('Message: ')}"
+    return f"node {msg.metadata.src_node_id}: {' '.join(reason.split())}"
+
+
 def _split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
     ok, errors = [], []
     for msg in replies:
         if msg.has_error():
-            errors.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            errors.append(failure_line(msg))
         else:
             ok.append(msg)
     return ok, errors
 
 
-class CrossSimMixin:
-    """The CrossSim additions; mixed in front of FedAvg or FedProx (see ``build_strategy``)."""
+class CrossSimStrategy(FedAvg):
+    """strategy = crosssim | fedavg | fedprox | fedbn: FedAvg's averaging, the site decides the local loss."""
 
     def __init__(self, *, cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
                  store: RunStore, round_offset: int = 0, prototypes: Prototypes | None = None,
@@ -63,10 +79,10 @@ class CrossSimMixin:
         self.prototypes = prototypes
         model = build_model(cfg.model, len(classes))
         self.embedding_dim = model.embedding_dim
-        self.local_keys = batchnorm_state_keys(model) if cfg.method.strategy == "fedbn" else set()
+        self.local_keys = local_state_keys(model, cfg.method.strategy)
         self.source: SourceStats | None = None
         self.last_checkpoint: Checkpoint | None = None
-        self._record: dict[str, Any] = {}
+        self.record: RoundRecord | None = None
         self._started = 0.0
 
     def global_round(self, server_round: int) -> int:
@@ -87,22 +103,32 @@ class CrossSimMixin:
                 msg.content[PROTOTYPES_RECORD] = record
         return messages
 
+    def round_record(self, server_round: int) -> RoundRecord:
+        """The record of this Flower round, started when the round's first step runs."""
+        current = self.global_round(server_round)
+        if self.record is None or self.record.round != current:
+            lr, lambda_sim = round_schedule(self.cfg, current)
+            self.record = RoundRecord(round=current, lr=lr, lambda_sim=lambda_sim)
+            self._started = time.perf_counter()
+        return self.record
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling and records, plus this round's LR and λ and the global prototypes."""
-        current = self.global_round(server_round)
-        lr, lambda_sim = round_schedule(self.cfg, current)
-        config[ROUND_LR], config[ROUND_LAMBDA] = lr, lambda_sim
-        self._started = time.perf_counter()
-        self._record = {"round": current, "lr": lr, "lambda": lambda_sim}
+        record = self.round_record(server_round)
+        config[ROUND_LR], config[ROUND_LAMBDA] = record.lr, record.lambda_sim
+        current = record.round
         return self._with_prototypes(super().configure_train(current, self._to_wire(arrays), config, grid))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Prototypes count-weighted and removed from each reply; FedAvg then averages the weights only, in float32."""
+        record = self.round_record(server_round)
         ok, errors = _split_replies(replies)
+        for line in errors:
+            self.progress(f"round {record.round}: {line}")
         if not ok:
-            raise RuntimeError(f"round {self._record['round']}: no site finished training "
+            raise RuntimeError(f"round {record.round}: no site finished training "
                                f"({'; '.join(errors) or 'no reply before the round timeout'})")
         site_prototypes = []
         for msg in ok:
@@ -115,14 +141,18 @@ class CrossSimMixin:
         self.prototypes = aggregate_prototypes(site_prototypes, self.prototypes)
         averaged, metrics = super().aggregate_train(server_round, ok)
         self.global_state = merge_state(self.global_state, averaged.to_torch_state_dict())
-        site_metrics = [msg.content[METRICS_RECORD] for msg in ok]
-        self._record.update({
-            "train_s": time.perf_counter() - self._started, "sites": len(ok), "failures": errors,
-            "examples": sum(int(m[NUM_EXAMPLES]) for m in site_metrics),
-            "train": dict(metrics or {}),
-            "train_compute_s": [float(m[COMPUTE_SECONDS]) for m in site_metrics],
-            "load_s": [float(m[LOAD_SECONDS]) for m in site_metrics],
-        })
+        site_metrics = {f"node {msg.metadata.src_node_id}": msg.content[METRICS_RECORD] for msg in ok}
+        record.train_s = time.perf_counter() - self._started
+        record.sites, record.failures = len(ok), errors
+        record.examples = sum(int(m[NUM_EXAMPLES]) for m in site_metrics.values())
+        record.train = dict(metrics or {})
+        record.train_compute_s = [float(m[COMPUTE_SECONDS]) for m in site_metrics.values()]
+        record.load_s = [float(m[LOAD_SECONDS]) for m in site_metrics.values()]
+        record.class_counts = {node: [int(c) for c in m[SITE_CLASS_COUNTS]] for node, m in site_metrics.items()}
+        if server_round == 1:  # the first round of this process: what each site brings, counts only
+            for node, counts in record.class_counts.items():
+                self.progress(f"{node}: " + ", ".join(f"{c}={n if n else f'<{self.cfg.method.min_count}'}"
+                                                      for c, n in zip(self.classes, counts)))
         return ArrayRecord(self.global_state), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -132,62 +162,55 @@ class CrossSimMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Scalar averages for the log; pooled histogram, accuracy and prevalence become the ATC reference."""
+        record = self.round_record(server_round)
         ok, errors = _split_replies(replies)
+        for line in errors:
+            self.progress(f"round {record.round} (evaluate): {line}")
         site_metrics = [msg.content[METRICS_RECORD] for msg in ok]
         if ok:
             self.source = source_stats(site_metrics)
         metrics = super().aggregate_evaluate(server_round, ok)
-        self._record.update({"evaluate": dict(metrics or {}), "evaluate_failures": errors,
-                             "evaluate_compute_s": [float(m[COMPUTE_SECONDS]) for m in site_metrics]})
+        record.evaluate, record.evaluate_failures = dict(metrics or {}), errors
+        record.evaluate_compute_s = [float(m[COMPUTE_SECONDS]) for m in site_metrics]
         return metrics
 
     def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn`` (after each round's evaluation): checkpoint, round log, progress line."""
         if server_round == 0:
             return None  # Flower also calls it before round 1: nothing new to save
-        current = self.global_round(server_round)
+        record = self.round_record(server_round)
+        class_totals = [sum(counts) for counts in zip(*record.class_counts.values())]
         ckpt = Checkpoint(self.global_state, self.cfg, list(self.classes),
                           self.prototypes or Prototypes.empty(len(self.classes), self.embedding_dim),
-                          self.source, round=current, kind="federated",
-                          extra={"strategy": self.cfg.method.strategy, "sites": self._record.get("sites", 0)})
-        path = self.store.save_round(ckpt)
+                          self.source, round=record.round, kind="federated",
+                          extra={"strategy": self.cfg.method.strategy, "sites": record.sites,
+                                 "class_counts": dict(zip(self.classes, class_totals))})
+        record.checkpoint = self.store.save_round(ckpt).name
+        record.wall_s = time.perf_counter() - self._started
         self.last_checkpoint = ckpt
-        record = {**self._record, "wall_s": time.perf_counter() - self._started, "checkpoint": path.name}
         self.store.log_round(record)
         self.progress(_progress_line(record, self.cfg.federation.rounds))
         return None
 
 
-def _progress_line(record: dict[str, Any], total_rounds: int) -> str:
-    train, evaluate = record.get("train", {}), record.get("evaluate", {})
-    compute = max(record.get("train_compute_s") or [0.0]) + max(record.get("evaluate_compute_s") or [0.0])
-    line = (f"round {record['round']}/{total_rounds}: {record['sites']} site(s), "
+def _progress_line(record: RoundRecord, total_rounds: int) -> str:
+    train, evaluate = record.train, record.evaluate
+    compute = max(record.train_compute_s or [0.0]) + max(record.evaluate_compute_s or [0.0])
+    line = (f"round {record.round}/{total_rounds}: {record.sites} site(s), "
             f"train loss {train.get('loss', float('nan')):.4f} acc {train.get('train-accuracy', float('nan')):.3f}"
             f" | val acc {evaluate.get('val-accuracy', float('nan')):.3f}"
-            f" | {record['wall_s']:.1f}s (site compute {compute:.1f}s) → {record['checkpoint']}")
-    failures = record.get("failures", []) + record.get("evaluate_failures", [])
-    return line + (f" | {len(failures)} failed reply(ies), e.g. {failures[0]}" if failures else "")
-
-
-class CrossSimStrategy(CrossSimMixin, FedAvg):
-    """strategy = crosssim | fedavg | fedbn."""
-
-
-class CrossSimProxStrategy(CrossSimMixin, FedProx):
-    """strategy = fedprox (Flower's FedProx sends ``proximal-mu``; sites add the proximal term)."""
+            f" | {record.wall_s:.1f}s (site compute {compute:.1f}s) → {record.checkpoint}")
+    failures = record.failures + record.evaluate_failures
+    return line + (f" | {len(failures)} failed reply(ies)" if failures else "")
 
 
 def build_strategy(cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
                    store: RunStore, *, num_sites: int, round_offset: int = 0,
-                   prototypes: Prototypes | None = None, progress: Progress = print) -> CrossSimMixin:
-    """The strategy for ``cfg.method.strategy``, waiting for ``num_sites`` sites before each round."""
-    kwargs: dict[str, Any] = dict(
+                   prototypes: Prototypes | None = None, progress: Progress = print) -> CrossSimStrategy:
+    """The strategy of a run, waiting for ``num_sites`` sites before each round."""
+    return CrossSimStrategy(
         cfg=cfg, classes=classes, global_state=global_state, store=store, round_offset=round_offset,
         prototypes=prototypes, progress=progress, fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=num_sites,
         weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS_RECORD, configrecord_key=CONFIG_RECORD,
-        train_metrics_aggr_fn=scalar_metrics_average,
-        evaluate_metrics_aggr_fn=scalar_metrics_average)
-    if cfg.method.strategy == "fedprox":
-        return CrossSimProxStrategy(proximal_mu=cfg.method.proximal_mu, **kwargs)
-    return CrossSimStrategy(**kwargs)
+        train_metrics_aggr_fn=scalar_metrics_average, evaluate_metrics_aggr_fn=scalar_metrics_average)

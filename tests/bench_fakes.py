@@ -7,6 +7,7 @@ from pathlib import Path
 
 from benchmarks import accuracy as acc
 from benchmarks.datasets import SuiteSites
+from crosssim.data.sites import write_labels_csv
 
 CLASSES = ("a", "b")
 # target images: (path, true label), classes alternating; the oracle's held-out half is the first four
@@ -31,6 +32,5 @@ def fake_sites(root: Path) -> SuiteSites:
     target = root / "sites" / "target"
     target.mkdir(parents=True, exist_ok=True)
     return SuiteSites("fake", CLASSES, sources, target,
-                      write_csv(root / "sites" / "target_labels.csv", ["path", "label"], [list(r) for r in TARGET]),
-                      root / "oracle" / "train",
-                      write_csv(root / "oracle" / "test_labels.csv", ["path", "label"], [list(r) for r in HELDOUT]))
+                      write_labels_csv(root / "sites" / "target_labels.csv", TARGET), root / "oracle" / "train",
+                      write_labels_csv(root / "oracle" / "test_labels.csv", HELDOUT))

@@ -40,3 +40,21 @@ def eval_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> EvalTinyRun:
     checkpoint = train_pooled(hospitals.source_sites, cfg, root / "run", cache_dir=cache, progress=None)
     return EvalTinyRun(list(hospitals.source_sites), hospitals.target_site, hospitals.target_labels, checkpoint,
                        cache)
+
+
+BINARY_CLASSES = ("abnormal", "normal")
+
+
+@pytest.fixture(scope="session")
+def binary_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three tiny labeled sites whose labels.csv use a consortium's own classes: normal / abnormal."""
+    from crosssim.data.sites import LABELS_FILENAME, read_labels_csv, write_labels_csv
+    from crosssim.data.synth import generate_hospitals
+
+    sites = generate_hospitals(tmp_path_factory.mktemp("binary") / "sites", images_per_site=12,
+                               image_size=EVAL_TINY_IMAGE_SIZE_PX).source_sites
+    for site in sites:
+        labels = read_labels_csv(site / LABELS_FILENAME)
+        write_labels_csv(site / LABELS_FILENAME, [(path, "normal" if label == "normal" else "abnormal")
+                                                  for path, label in labels.items()])
+    return list(sites)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -153,3 +154,11 @@ def test_run_check_json_and_exit_codes(site: Path, tmp_path: Path,
 
     assert run_check(str(site), str(tmp_path / "no.csv"), CFG, as_json=False) == EXIT_MISSING_INPUT
     assert "labels file not found" in capsys.readouterr().err
+
+
+def test_labels_outside_the_configured_classes_are_counted(site: Path) -> None:
+    cfg = dataclasses.replace(CFG, classes=("normal",))
+    report = scan_site(site, cfg)
+    assert report.labels is not None and report.labels.outside_classes == {"abnormal": 2}  # rows, as training counts them
+    assert "labels outside the configured classes ['normal']: abnormal 2: training refuses this site" \
+        in format_report(report)

@@ -1,14 +1,39 @@
+import tomllib
+from pathlib import Path
+
 import pytest
 
-from crosssim.config import (ConfigError, CrossSimConfig, apply_overrides, dumps_toml, load_config,
-                             preprocessing_hash, to_flat)
+from crosssim.boundary import RUN_KEYS
+from crosssim.config import (FIELD_INDEX, ConfigError, CrossSimConfig, apply_overrides, dumps_toml, load_config,
+                             preprocessing_hash, to_flat, to_run_config)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_defaults_file_matches_dataclass_defaults_except_classes():
-    from_file = to_flat(load_config())
-    from_code = to_flat(CrossSimConfig())
-    differing = {k for k in from_file if from_file[k] != from_code[k]}
-    assert differing == {"classes"}
+def test_defaults_file_matches_dataclass_defaults_and_sets_no_classes():
+    assert to_flat(load_config()) == to_flat(CrossSimConfig())
+    assert load_config().data.classes == ()  # never a preset's classes: a consortium's own labels decide
+
+
+def test_every_config_key_is_declared_for_flower_run_config():
+    """Flower's SuperLink refuses `flwr run --run-config` keys that [tool.flwr.app.config] does not declare."""
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == set(FIELD_INDEX) | set(RUN_KEYS)
+    assert all(declared[key] == "" for key in FIELD_INDEX)  # empty = unset: config-file and defaults decide
+
+
+def test_run_config_values_are_scalars_that_load_back():
+    cfg = apply_overrides(CrossSimConfig(), {"classes": "normal,abnormal", "lr": 0.005, "augment": False})
+    values = to_run_config(cfg)
+    assert values["classes"] == "normal,abnormal"
+    assert all(isinstance(v, (str, int, float, bool)) for v in values.values())
+    assert apply_overrides(CrossSimConfig(), values) == cfg
+
+
+@pytest.mark.parametrize("classes", ["a,a", "a, ,b"])
+def test_class_names_must_be_unique_and_non_empty(classes):
+    with pytest.raises(ConfigError, match="classes"):
+        apply_overrides(CrossSimConfig(), {"classes": classes.split(",")})
 
 
 def test_overrides_coerce_types_and_reject_unknown_keys():

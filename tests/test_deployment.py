@@ -17,9 +17,10 @@ from crosssim.data.synth import generate_hospitals
 RUN_TIMEOUT_S = 480  # 2 rounds; each message starts a fresh ClientApp process (torch import ≈ 5 s)
 STOP_TIMEOUT_S = 30
 POLL_INTERVAL_S = 1.0
-TINY = ["--set", "image-size=32", "--set", "batch-size=8", "--set", "local-epochs=1", "--set", "min-count=2",
+TINY = ["--set", "classes=normal,nodule,mass,effusion", "--set", "image-size=32", "--set", "batch-size=8", "--set", "local-epochs=1", "--set", "min-count=2",
         "--set", "augment=false"]
 CLI = [sys.executable, "-m", "crosssim.cli"]
+RUN_CONFIG_MIN_COUNT = 50  # more images than a tiny site has per class: every reported class count becomes 0
 
 
 def free_ports(count: int) -> list[int]:
@@ -87,8 +88,9 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(local_ports[0]),
            "FLWR_LOCAL_CONTROL_API_PORT": str(local_ports[1])}
     run = tmp_path / "run"
-    server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", 2, *TINY], env,
-                    tmp_path / "server.log")
+    # min-count through Flower's own --run-config: the sites apply it to the class counts they report
+    server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", 2, *TINY,
+                     "--run-config", f"min-count={RUN_CONFIG_MIN_COUNT}"], env, tmp_path / "server.log")
     clients = [launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
                        "--cache", tmp_path / f"cache-{i}"], {**env, "FLWR_HOME": str(tmp_path / f"flwr-{i}")},
                       tmp_path / f"client-{i}.log")
@@ -124,10 +126,13 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, capsys):
                   f"+ everything else {r['wall_s'] - compute:.1f} s (process start, imports, data loading "
                   f"{max(r['load_s']):.2f} s, transport)")
     assert all(max(r["train_compute_s"]) < r["wall_s"] for r in rounds)
+    assert all(count == 0 for r in rounds for counts in r["class_counts"].values() for count in counts)
+    assert f"min-count = {RUN_CONFIG_MIN_COUNT}" in (run / "config.toml").read_text()
 
 
 def test_dry_run_prints_the_raw_flower_commands(tmp_path, capsys):
-    assert crosssim_main(["server", "--out", str(tmp_path / "run"), "--port", "9999", "--dry-run"]) == 0
+    assert crosssim_main(["server", "--out", str(tmp_path / "run"), "--port", "9999", "--classes", "a,b",
+                          "--dry-run"]) == 0
     server = capsys.readouterr().out
     superlink = "flower-superlink --insecure --host 127.0.0.1 --port 9999 --disable-runtime-dependency-installation"
     assert superlink in server
@@ -142,7 +147,7 @@ def test_dry_run_prints_the_raw_flower_commands(tmp_path, capsys):
 
 def test_dry_run_with_tls_passes_certificates_instead_of_insecure(tmp_path, capsys):
     certs = ["--ssl-ca-certfile", "ca.crt", "--ssl-certfile", "server.pem", "--ssl-keyfile", "server.key"]
-    assert crosssim_main(["server", "--out", str(tmp_path / "run"), *certs, "--dry-run"]) == 0
+    assert crosssim_main(["server", "--out", str(tmp_path / "run"), *certs, "--classes", "a,b", "--dry-run"]) == 0
     server = capsys.readouterr().out
     assert "--insecure" not in server and "--ssl-certfile server.pem" in server
     assert f'root-certificates = "{Path("ca.crt").resolve()}"' in server

@@ -7,19 +7,21 @@ import torch
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client.app import app as client_app
+from crosssim.boundary import (BATCHNORM_STATE_RECORD, CONFIDENCE_HISTOGRAM, PROTOTYPE_COUNTS, PROTOTYPE_VECTORS,
+                               ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, SITE_CLASS_COUNTS, TRAIN_CLASS_COUNTS)
 from crosssim.config import load_config
 from crosssim.data.sites import load_site
+from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
-from crosssim.federated import (BATCHNORM_STATE_RECORD, CONFIDENCE_HISTOGRAM, PROTOTYPE_COUNTS, PROTOTYPE_VECTORS,
-                                ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, TRAIN_CLASS_COUNTS, LocalSite,
-                                prototypes_to_arrays, wire_config)
+from crosssim.federated import LocalSite, prototypes_to_arrays, wire_config
 from crosssim.metrics import CONFIDENCE_BINS
 from crosssim.model import batchnorm_state_keys, build_model
 from crosssim.prototypes import Prototypes
 
 IMAGE_SIZE_PX = 32
 MIN_COUNT = 3  # with 12 images a site, some classes fall under it
-TINY = {"image-size": IMAGE_SIZE_PX, "batch-size": 8, "local-epochs": 1, "min-count": MIN_COUNT, "augment": False}
+TINY = {"classes": ",".join(SYNTH_CLASSES), "image-size": IMAGE_SIZE_PX, "batch-size": 8, "local-epochs": 1,
+        "min-count": MIN_COUNT, "augment": False}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,7 @@ def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_pat
     global_protos = Prototypes(torch.nn.functional.normalize(torch.randn(4, 128), dim=1), torch.tensor([5, 5, 5, 0]))
     cfg, model, content, context = _send(site_dir, tmp_path, strategy, MessageType.TRAIN, global_protos)
     assert set(content.keys()) == {"arrays", "prototypes", "metrics"}
+    split = _train_split(site_dir, cfg, tmp_path)
 
     expected = model.state_dict()
     if strategy == "fedbn":
@@ -74,7 +77,10 @@ def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_pat
 
     image_tail = (IMAGE_SIZE_PX, IMAGE_SIZE_PX)
     assert not any(tuple(v.shape[-2:]) == image_tail for v in [*sent.values(), *protos.values()])
-    metrics = content["metrics"]
+    metrics = dict(content["metrics"])
+    site_counts = metrics.pop(SITE_CLASS_COUNTS)  # the one list: images per class, small cells suppressed
+    all_counts = torch.bincount(torch.cat([split.train_y, split.val_y]), minlength=4)
+    assert site_counts == [int(c) if c >= MIN_COUNT else 0 for c in all_counts]
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics["sim-loss"] > 0  # the global prototypes were used (λ = 0.5)
 

@@ -6,11 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
 from crosssim.checkpoint import load_checkpoint
-from crosssim.data.synth import generate_hospitals
+from crosssim.data.sites import LABELS_FILENAME, read_labels_csv
 
 RUN_TIMEOUT_S = 300  # Ray start-up dominates (tens of seconds on 2 cores)
 EXIT_GRACE_S = 30  # Ray's worker processes finish exiting shortly after the driver
@@ -30,8 +31,8 @@ def _group_ends(pgid: int, timeout_s: float) -> bool:
 
 
 @pytest.mark.e2e
-def test_simulate_two_sites_two_rounds(tmp_path):
-    sites = generate_hospitals(tmp_path / "sites", images_per_site=12, image_size=32).source_sites[:2]
+def test_simulate_two_sites_two_rounds_with_the_sites_own_classes(tmp_path, binary_sites):
+    sites = binary_sites[:2]  # labels.csv say normal / abnormal; no config names the classes
     run = tmp_path / "run"
     command = [sys.executable, "-m", "crosssim.cli", "simulate", "--sites", *map(str, sites), "--strategy", "crosssim",
                "--rounds", "2", "--out", str(run), "--cache", str(tmp_path / "cache"), *TINY]
@@ -56,3 +57,8 @@ def test_simulate_two_sites_two_rounds(tmp_path):
         assert (run / name).is_file(), name
     final = load_checkpoint(run / "final.pt")
     assert final.kind == "federated" and final.round == 2 and final.source is not None
+    assert final.classes == ["abnormal", "normal"]
+    assert "classes (sorted union of the sites' labels; set 'classes' to fix them): abnormal, normal" in lines
+    counts = Counter(label for site in sites for label in read_labels_csv(site / LABELS_FILENAME).values())
+    assert final.extra["class_counts"] == dict(counts)  # every image of every site trained (each class ≥ min-count)
+    assert sum(line.startswith("node ") for line in lines) == 2  # round 1 shows what each site brings

@@ -1,6 +1,7 @@
 """CrossSimStrategy: prototype aggregation, FedBN, checkpoints and resume (in-process, no Ray, no sockets)."""
 
 import json
+import shutil
 import time
 from collections.abc import Iterable
 
@@ -10,18 +11,21 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, Context, Message, MessageType, Me
 from flwr.serverapp import Grid
 
 from client.app import app as client_app
+from crosssim.boundary import BATCHNORM_STATE_RECORD, SERVER_ROUND
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import load_config
+from crosssim.data.sites import LABELS_FILENAME, read_labels_csv, write_labels_csv
 from crosssim.data.synth import generate_hospitals
-from crosssim.federated import BATCHNORM_STATE_RECORD, SERVER_ROUND, prototypes_to_arrays, round_schedule
+from crosssim.federated import prototypes_to_arrays, round_schedule
 from crosssim.model import batchnorm_state_keys, build_model
 from crosssim.prototypes import Prototypes
 from server.app import ServerSettings, run_federation
 from server.store import RunStore
 from server.strategy import build_strategy
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "min-count": 2, "augment": False}
 CLASSES = ("normal", "nodule", "mass", "effusion")
+TINY = {"classes": ",".join(CLASSES), "image-size": 32, "batch-size": 8, "local-epochs": 1, "min-count": 2,
+        "augment": False}
 
 
 class LoopbackGrid(Grid):
@@ -88,7 +92,7 @@ def _reply(node: int, state: dict, protos: Prototypes, num_examples: int) -> Mes
                         group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
     content = RecordDict({"arrays": ArrayRecord(state), "prototypes": ArrayRecord(prototypes_to_arrays(protos)),
                           "metrics": MetricRecord({"num-examples": num_examples, "loss": 1.0, "compute-s": 0.1,
-                                                   "load-s": 0.0})})
+                                                   "load-s": 0.0, "site-class-counts": [num_examples, 0, 0, 0]})})
     return Message(content=content, metadata=metadata)
 
 
@@ -187,3 +191,21 @@ def test_fedprox_sends_mu_and_sites_add_the_proximal_term(tmp_path, sites, flowe
     assert all(config["proximal-mu"] == 100.0 for config in grid.train_configs)
     train = json.loads((tmp_path / "run" / "rounds.jsonl").read_text())["train"]
     assert train["loss"] > train["ce-loss"] and train["sim-loss"] == 0.0  # loss = CE + μ/2·‖w − w_global‖²
+
+
+def test_a_site_with_unknown_labels_fails_its_reply_in_one_line_and_the_round_proceeds(tmp_path, sites,
+                                                                                      flower_task):
+    bad = shutil.copytree(sites[0], tmp_path / "hospital-x")
+    rows = list(read_labels_csv(bad / LABELS_FILENAME).items())
+    write_labels_csv(bad / LABELS_FILENAME, [(path, "pneumothorax") if i == 0 else (path, label)
+                                             for i, (path, label) in enumerate(rows)])
+    cfg = load_config(None, {**TINY, "rounds": 1})
+    lines: list[str] = []
+    run_federation(LoopbackGrid([*sites, bad], tmp_path / "cache"), ServerSettings(cfg, tmp_path / "run", False, 3),
+                   lines.append)
+    record = json.loads((tmp_path / "run" / "rounds.jsonl").read_text())
+    assert record["sites"] == 2 and len(record["failures"]) == 1
+    failure = record["failures"][0]
+    assert failure.startswith("node 3: ") and str(bad / LABELS_FILENAME) in failure and "'pneumothorax' ×1" in failure
+    assert "\n" not in failure and f"round 1: {failure}" in lines  # the server's log shows it as one line
+    assert sum(line.startswith("node ") and "normal=" in line for line in lines) == 2  # round 1: counts per site

@@ -9,17 +9,20 @@ from flwr.common.serde import array_record_to_proto
 from test_strategy import LoopbackGrid, _reply, flower_task  # noqa: F401  (flower_task is a fixture)
 
 from client.app import app as client_app
+from crosssim.boundary import ROUND_LAMBDA, ROUND_LR, SERVER_ROUND
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import load_config
+from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
-from crosssim.federated import ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, wire_config
+from crosssim.federated import wire_config
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes
 from server.app import ServerSettings, run_federation
 from server.store import RunStore
 from server.strategy import build_strategy
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "min-count": 2, "augment": False}
+TINY = {"classes": ",".join(SYNTH_CLASSES), "image-size": 32, "batch-size": 8, "local-epochs": 1, "min-count": 2,
+        "augment": False}
 HALF_BYTES = (0.45, 0.55)  # float16 reply / float32 reply, serialized (headers and int buffers aside)
 
 

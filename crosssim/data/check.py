@@ -56,6 +56,8 @@ class LabelCoverage:
     missing: list[str] = field(default_factory=list)  # labeled path with no such file
     unusable: list[str] = field(default_factory=list)  # labeled path whose file was skipped
     unlabeled: list[str] = field(default_factory=list)  # usable image without a label
+    classes: list[str] = field(default_factory=list)  # the config's classes; empty when it sets none
+    outside_classes: dict[str, int] = field(default_factory=dict)  # label outside ``classes`` → rows
     error: str = ""  # the CSV itself could not be used
 
 
@@ -99,7 +101,8 @@ def _image_size(info: dict[str, Any]) -> str:
     return f"{size}, {info['frames']} frames" if info["frames"] > 1 else size
 
 
-def _label_coverage(csv_path: Path, usable: list[str], skipped: set[str], present: set[str]) -> LabelCoverage:
+def _label_coverage(csv_path: Path, usable: list[str], skipped: set[str], present: set[str],
+                    classes: tuple[str, ...]) -> LabelCoverage:
     try:
         labels, error = read_labels_csv(csv_path), ""
     except SiteError as exc:
@@ -114,6 +117,9 @@ def _label_coverage(csv_path: Path, usable: list[str], skipped: set[str], presen
         else:
             counts[label] += 1
     coverage.per_class = dict(sorted(counts.items()))
+    coverage.classes = list(classes)
+    if classes:
+        coverage.outside_classes = dict(sorted(Counter(v for v in labels.values() if v not in classes).items()))
     coverage.unlabeled = [p for p in usable if p not in labels]
     coverage.missing.sort()
     coverage.unusable.sort()
@@ -162,7 +168,7 @@ def scan_site(folder: Path, cfg: DataConfig, labels_csv: Path | None = None,
     if labels_csv is not None:
         present = {p.relative_to(folder).as_posix() for p in files}
         skipped = {s["path"] for s in report.skipped}
-        report.labels = _label_coverage(Path(labels_csv), usable, skipped, present)
+        report.labels = _label_coverage(Path(labels_csv), usable, skipped, present, cfg.classes)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
@@ -201,6 +207,9 @@ def format_report(report: CheckReport) -> str:
     else:
         lines.append(f"Labels: {labels.csv}: {labels.rows} labeled paths; "
                      f"usable per class: {_counts(labels.per_class)}")
+        if labels.outside_classes:
+            lines.append(f"  labels outside the configured classes {labels.classes}: "
+                         f"{_counts(labels.outside_classes)}: training refuses this site until they match")
         for title, paths in (("labels pointing at missing files", labels.missing),
                              ("labels pointing at unusable files", labels.unusable),
                              ("usable images without a label", labels.unlabeled)):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from crosssim.config import DataConfig
+from crosssim.config import CrossSimConfig, DataConfig
 from crosssim.data.cache import CachedEntry, FileStamp, SiteCache, default_cache_dir
 from crosssim.data.dicom import SkippedFile, iter_candidate_files, read_image
 
@@ -28,7 +29,7 @@ class SiteError(ValueError):
 @dataclass
 class SkippedRecord:
     path: str
-    kind: str  # no-image | refused | label
+    kind: str  # no-image | refused
     reason: str
 
 
@@ -54,6 +55,10 @@ class DataReport:
             line += " | " + ", ".join(f"{k}={v}" for k, v in self.class_counts.items())
         if self.skipped:
             line += f" | skipped {len(self.skipped)}"
+        if self.unlabeled_images:
+            line += f" | {self.unlabeled_images} image(s) without a label, not used"
+        if self.labels_without_image:
+            line += f" | {len(self.labels_without_image)} label(s) without an image"
         return line
 
     def skipped_lines(self) -> list[str]:
@@ -110,14 +115,67 @@ def read_labels_csv(path: Path) -> dict[str, str]:
     return labels
 
 
+def write_labels_csv(path: Path, rows: Iterable[tuple[str, str]]) -> Path:
+    """Write ``(relative path, label)`` rows as a ``path,label`` CSV: the one writer of the format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return path
+
+
 def site_labels_path(folder: Path) -> Path | None:
     path = Path(folder) / LABELS_FILENAME
     return path if path.is_file() else None
 
 
+def labels_file_of(folder: str | Path) -> Path:
+    """``folder/labels.csv`` of a labeled site; a clear SiteError when the folder or the file is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SiteError(f"{folder}: site folder not found")
+    labels_file = site_labels_path(folder)
+    if labels_file is None:
+        raise SiteError(f"{folder}: a labeled site needs {LABELS_FILENAME} (header 'path,label')")
+    return labels_file
+
+
+def union_of_labels(site_dirs: Sequence[str | Path]) -> tuple[str, ...]:
+    """Sorted union of the labels in every site's ``labels.csv`` (classes when the config sets none)."""
+    labels: set[str] = set()
+    for folder in site_dirs:
+        labels.update(read_labels_csv(labels_file_of(folder)).values())
+    return tuple(sorted(labels))
+
+
+def with_site_classes(cfg: CrossSimConfig, site_dirs: Sequence[str | Path],
+                      progress: Progress = None) -> CrossSimConfig:
+    """``cfg`` with its classes set: the config's own, else the sorted union of the sites' labels (printed).
+
+    Only for runs on one machine (train, simulate), where reading every site's labels crosses no boundary.
+    """
+    if cfg.data.classes:
+        return cfg
+    classes = union_of_labels(site_dirs)
+    if progress:
+        progress(f"classes (sorted union of the sites' labels; set 'classes' to fix them): {', '.join(classes)}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=classes))
+
+
 def resolve_classes(cfg: DataConfig, label_values: Sequence[str]) -> tuple[str, ...]:
     """Classes from the config, else the sorted union of labels seen."""
     return tuple(cfg.classes) if cfg.classes else tuple(sorted(set(label_values)))
+
+
+def check_known_labels(labels_file: Path, labels_by_path: dict[str, str], classes: Sequence[str]) -> None:
+    """A labels file with labels outside ``classes`` is one clear SiteError: never train on a reduced set."""
+    unknown = Counter(label for label in labels_by_path.values() if label not in set(classes))
+    if unknown:
+        listed = ", ".join(f"{label!r} ×{n}" for label, n in sorted(unknown.items()))
+        raise SiteError(f"{labels_file}: {sum(unknown.values())} label(s) outside the classes {list(classes)}: "
+                        f"{listed} (add them to 'classes' or fix the file)")
 
 
 def _load_entry(path: Path, rel: str, cfg: DataConfig, cache: SiteCache) -> tuple[CachedEntry, bool]:
@@ -153,6 +211,8 @@ def load_site(folder: str | Path, cfg: DataConfig, *, labels_csv: str | Path | N
         raise SiteError(f"{folder}: labeled site needs {LABELS_FILENAME} (header 'path,label')")
     labels_by_path = read_labels_csv(labels_file) if labeled else {}
     site_classes = tuple(classes) if classes else resolve_classes(cfg, list(labels_by_path.values()))
+    if labeled:
+        check_known_labels(labels_file, labels_by_path, site_classes)
     report = DataReport(site=name or folder.name, folder=str(folder))
     started = time.perf_counter()
 
@@ -193,15 +253,13 @@ def load_site(folder: str | Path, cfg: DataConfig, *, labels_csv: str | Path | N
 
 def _attach_labels(paths: list[str], images: list[torch.Tensor], labels_by_path: dict[str, str],
                    classes: tuple[str, ...], report: DataReport):
-    """Keep images with a known label; count the rest in the report."""
+    """Keep images with a label (every label is a known class: ``check_known_labels``); count the rest."""
     class_index = {c: i for i, c in enumerate(classes)}
     kept_paths, kept_images, kept_labels = [], [], []
     for rel, image in zip(paths, images):
         label = labels_by_path.get(rel)
         if label is None:
             report.unlabeled_images += 1
-        elif label not in class_index:
-            report.skipped.append(SkippedRecord(rel, "label", f"label {label!r} is not one of {list(classes)}"))
         else:
             kept_paths.append(rel)
             kept_images.append(image)

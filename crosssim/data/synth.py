@@ -14,7 +14,6 @@ classes.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -32,11 +31,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from crosssim.config import CONFIGS_DIR
+from crosssim.data.sites import LABELS_FILENAME, write_labels_csv
 
 CLASSES = ("normal", "nodule", "mass", "effusion")
 SYNTH_CONFIGS_DIR = CONFIGS_DIR / "synth"
 MARKER_NAME = ".crosssim-synth"  # marks a folder this module may wipe and regenerate
-LABELS_NAME = "labels.csv"
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://crosssim.invalid/synth/v1")  # UUIDs of synth UIDs
 SOP_CLASS_UIDS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 PRESET_KEYS = {"images-per-site", "image-size", "site"}  # top level of a preset, after `extends`
@@ -556,13 +555,6 @@ def _prepare_out_dir(out_dir: Path, marker: str) -> None:
     (out_dir / MARKER_NAME).write_text(marker)
 
 
-def _write_labels(path: Path, rows: list[tuple[str, str]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "label"])
-        writer.writerows(rows)
-
-
 def site_labels(site: SiteProfile, n_images: int, seed: int) -> list[str]:
     """Class of each image index: profile prevalence, order shuffled per (seed, site)."""
     labels = np.repeat(np.arange(len(CLASSES)), class_counts(site.prevalence, n_images))
@@ -616,11 +608,11 @@ def generate_hospitals(out_dir: str | Path, preset: str = "default", seed: int =
         rows = write_site(site, site_dir, n_images, seed)
         counts[site.name] = {c: sum(label == c for _, label in rows) for c in CLASSES}
         if site.role == "source":
-            _write_labels(site_dir / LABELS_NAME, rows)
+            write_labels_csv(site_dir / LABELS_FILENAME, rows)
             sources.append(site_dir)
         else:
             target, target_labels = site_dir, out_dir / f"{site.name}_labels.csv"
-            _write_labels(target_labels, rows)
+            write_labels_csv(target_labels, rows)
         if progress is not None:
             progress(_describe(site, native, n_images))
     return SynthSummary(out_dir=out_dir, source_sites=sources, target_site=target,

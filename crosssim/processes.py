@@ -1,7 +1,9 @@
 """Child processes of the deployment launchers (`crosssim server`, `crosssim client`), stopped cleanly.
 
 Each child runs in its own process group, so stopping it also stops whatever it spawned (the SuperLink's
-ServerApp process, a SuperNode's ClientApp processes). SIGTERM and Ctrl-C both stop every child.
+ServerApp process, a SuperNode's ClientApp processes). SIGTERM and Ctrl-C both stop every child. The checks
+a launcher makes before it starts anything (ports, reachability, certificate files) live here too, each
+failing with a ``LaunchError`` whose one line names the problem and the fix. Flower-free.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import IO
 STOP_GRACE_S = 10.0  # SIGTERM → wait this long → SIGKILL
 POLL_INTERVAL_S = 0.2
 PORT_PROBE_TIMEOUT_S = 0.5
+PORT_SEARCH_SPAN = 100  # ports tried from the default when a launcher picks a free one
 # Flower's environment for every child: no telemetry, no update check.
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -45,12 +48,16 @@ def toml_string(value: str) -> str:
     raise ValueError(f"{value!r}: a path with both quote kinds cannot be passed to Flower")
 
 
-def key_values(values: Mapping[str, str | bool | int]) -> str:
-    """``k1='v1' k2=true`` as Flower's config options take them."""
+def key_values(values: Mapping[str, str | bool | int | float]) -> str:
+    """``k1="v1" k2=true k3=0.5`` as Flower's config options take them (TOML values)."""
     parts = []
     for key, value in values.items():
-        text = ("true" if value else "false") if isinstance(value, bool) else \
-            str(value) if isinstance(value, int) else toml_string(str(value))
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = toml_string(str(value))
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
@@ -67,6 +74,72 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class LaunchError(RuntimeError):
+    """A launcher cannot start: one line naming the problem and what to do about it."""
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when this machine can bind ``host:port`` now."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def require_free_port(host: str, port: int, flag: str) -> None:
+    if not port_free(host, port):
+        raise LaunchError(f"port {port} on {host} is already in use (another SuperLink or SuperNode?): "
+                          f"stop that process or pass another {flag}")
+
+
+def first_free_port(host: str, start: int, attempts: int = PORT_SEARCH_SPAN) -> int:
+    """The first port from ``start`` that ``host`` can bind."""
+    for port in range(start, start + attempts):
+        if port_free(host, port):
+            return port
+    raise LaunchError(f"no free port in {start}-{start + attempts - 1} on {host}: pass --port")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port); a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LaunchError(f"{address!r} is not HOST:PORT (e.g. server.example.org:8000)")
+    return host.strip("[]"), int(port)
+
+
+def wait_until_reachable(address: str, timeout_s: float) -> None:
+    """Block until ``address`` accepts TCP connections; a ``LaunchError`` after ``timeout_s``."""
+    host, port = split_address(address)
+    deadline = time.monotonic() + timeout_s
+    while not port_open(host, port):
+        if time.monotonic() > deadline:
+            raise LaunchError(f"cannot reach the SuperLink at {address} within {timeout_s:.0f} s: check the address, "
+                              "that `crosssim server` runs there (with --host 0.0.0.0 for other machines) and that "
+                              "no firewall blocks the port")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def require_pem(path: str, kind: str, flag: str) -> None:
+    """``path`` exists and holds a PEM ``kind`` ("certificate" or "private key"), checked with ``cryptography``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    file = Path(path)
+    if not file.is_file():
+        raise LaunchError(f"{path}: {kind} file not found (given with {flag})")
+    data = file.read_bytes()
+    try:
+        if kind == "certificate":
+            x509.load_pem_x509_certificate(data)
+        else:
+            load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise LaunchError(f"{path}: not a PEM {kind} (given with {flag}); pass the {kind} file itself") from None
 
 
 def local_address(host: str) -> str:
@@ -120,9 +193,9 @@ def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Po
     deadline = time.monotonic() + timeout_s
     while not port_open(host, port):
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} before listening on {host}:{port}")
+            raise LaunchError(f"{what} exited with code {process.returncode} before listening on {host}:{port}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout_s:.0f} s")
+            raise LaunchError(f"{what} did not listen on {host}:{port} within {timeout_s:.0f} s")
         time.sleep(POLL_INTERVAL_S)
 
 
