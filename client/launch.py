@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crosssim.boundary import NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY
+from crosssim.boundary import NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY
 from crosssim.processes import (Children, LaunchError, describe_command, first_free_port, flower_env, key_values,
                                 require_free_port, require_pem, split_address, stop_on_sigterm,
                                 wait_until_reachable)
@@ -22,7 +22,12 @@ DEFAULT_CONNECT_TIMEOUT_S = 60.0
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the server's SuperLink address")
-    parser.add_argument("--data", required=True, metavar="DIR", help="this hospital's labeled site folder")
+    parser.add_argument("--data", required=True, metavar="DIR", help="this hospital's site folder (labeled: with "
+                        "labels.csv; with --unlabeled: any DICOM folder)")
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="join as an unlabeled target in the loop: receive the global model each round and send "
+                             "only this site's style entry (feature statistics) and image count; never trains, never "
+                             "sends weights, prototypes or per-image values")
     parser.add_argument("--site", metavar="NAME", help="site name in logs (default: the folder's name)")
     parser.add_argument("--cache", metavar="DIR", help="tensor cache on this hospital's disk "
                         "(default: $CROSSSIM_CACHE_DIR or ~/.cache/crosssim)")
@@ -41,7 +46,9 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
 
 def supernode_command(args: argparse.Namespace, port: int) -> list[str]:
     data = Path(args.data).resolve()
-    node_config = {NODE_DATA_KEY: str(data), NODE_SITE_KEY: args.site or data.name}
+    node_config: dict[str, str | bool] = {NODE_DATA_KEY: str(data), NODE_SITE_KEY: args.site or data.name}
+    if args.unlabeled:
+        node_config[NODE_UNLABELED_KEY] = True
     if args.cache:
         node_config[NODE_CACHE_KEY] = str(Path(args.cache).resolve())
     security = ["--root-certificates", args.root_certificates] if args.root_certificates else ["--insecure"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,60 +10,88 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
-from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, CONFIG_RECORD, METRICS_RECORD, NODE_CACHE_KEY,
-                               NODE_DATA_KEY, NODE_SITE_KEY, PARTITION_ID_KEY, PROTOTYPES_RECORD, ROUND_LAMBDA,
-                               ROUND_LR, SERVER_ROUND, SITE_DIRS_KEY)
+from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS,
+                               METRICS_RECORD, NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY,
+                               PARTITION_ID_KEY, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SERVER_ROUND,
+                               SITE_DIRS_KEY, STYLE_BANK_RECORD, STYLE_RECORD, TARGET_DIR_KEY, TARGET_IMAGES)
 from crosssim.config import CrossSimConfig
-from crosssim.data.sites import load_site
+from crosssim.data.sites import SiteError, load_site
 from crosssim.federated import (LocalSite, config_from_wire, evaluate_round, federated_classes, from_wire,
                                 local_state_keys, merge_state, prototypes_from_arrays, prototypes_to_arrays,
-                                sendable_state, site_dirs, split_state, to_wire, train_metrics, train_round)
+                                sendable_state, site_dirs, split_state, style_of, to_wire, train_metrics,
+                                train_round)
+from crosssim.method import uses_style_bank
 from crosssim.model import CrossSimNet, build_model
 from crosssim.prototypes import Prototypes
+from crosssim.style import StyleEntry, bank_from_arrays, layer_channels
 from crosssim.train import configure_threads, resolve_device
 
 
 @dataclass(frozen=True)
 class SiteLocation:
-    """Where this node's images and tensor cache are."""
+    """Where this node's images and tensor cache are, and whether it is an unlabeled target in the loop."""
 
     folder: Path
     name: str
     cache_dir: str | None  # None: the config's cache-dir (simulation); "": this machine's default
+    unlabeled: bool = False
+
+
+def _flag(value: Any) -> bool:
+    return value.lower() == "true" if isinstance(value, str) else bool(value)
 
 
 def locate_site(context: Context, run_settings: Mapping[str, Any]) -> SiteLocation:
-    """This node's site: from its node config (deployment) or ``site-dirs`` + partition id (simulation)."""
+    """This node's site: from its node config (deployment) or ``site-dirs`` + partition id (simulation).
+
+    In simulation the partition after the last source is the unlabeled target of ``target-dir``, if set.
+    """
     node = context.node_config
     if node.get(NODE_DATA_KEY):
         folder = Path(str(node[NODE_DATA_KEY]))
-        return SiteLocation(folder, str(node.get(NODE_SITE_KEY) or folder.name), str(node.get(NODE_CACHE_KEY, "")))
+        return SiteLocation(folder, str(node.get(NODE_SITE_KEY) or folder.name), str(node.get(NODE_CACHE_KEY, "")),
+                            _flag(node.get(NODE_UNLABELED_KEY, False)))
     dirs = site_dirs(run_settings.get(SITE_DIRS_KEY))
     if PARTITION_ID_KEY not in node or not dirs:
         raise ValueError(f"this node has no site: start it with --node-config '{NODE_DATA_KEY}=\"DIR\"' "
                          f"(deployment) or set run config '{SITE_DIRS_KEY}' (simulation)")
     index = int(node[PARTITION_ID_KEY])
+    target = str(run_settings.get(TARGET_DIR_KEY) or "")
+    if index == len(dirs) and target:
+        return SiteLocation(Path(target), Path(target).name, None, unlabeled=True)
     if index >= len(dirs):
         raise ValueError(f"partition {index} has no folder in '{SITE_DIRS_KEY}' ({len(dirs)} given)")
     folder = Path(dirs[index])
     return SiteLocation(folder, folder.name, None)
 
 
-def _setup(content: RecordDict, context: Context,
-           run_settings: Mapping[str, Any]) -> tuple[CrossSimConfig, LocalSite, CrossSimNet, set[str]]:
-    """Config from the server, this site's data, and the model holding the global weights (+ local BN)."""
-    location = locate_site(context, run_settings)
+def _config(content: RecordDict, location: SiteLocation) -> CrossSimConfig:
     cfg = config_from_wire(dict(content[CONFIG_RECORD]), location.cache_dir)
     configure_threads(cfg.train)
-    classes = federated_classes(cfg)
-    site = load_site(location.folder, cfg.data, labeled=True, classes=classes, name=location.name,
-                     cache_dir=cfg.data.cache_dir or None)
-    model = build_model(cfg.model, len(classes))
+    return cfg
+
+
+def _global_model(content: RecordDict, context: Context, cfg: CrossSimConfig) -> tuple[CrossSimNet, set[str]]:
+    """The model holding the global weights (with this site's own BatchNorm layers under FedBN)."""
+    model = build_model(cfg.model, len(federated_classes(cfg)))
     local_keys = local_state_keys(model, cfg.method.strategy)
     state = merge_state(model.state_dict(), from_wire(content[ARRAYS_RECORD].to_torch_state_dict()))
     if local_keys and BATCHNORM_STATE_RECORD in context.state:
         state = merge_state(state, context.state[BATCHNORM_STATE_RECORD].to_torch_state_dict())
     model.load_state_dict(state)
+    return model, local_keys
+
+
+def _setup(content: RecordDict, context: Context,
+           location: SiteLocation) -> tuple[CrossSimConfig, LocalSite, CrossSimNet, set[str]]:
+    """Config from the server, this site's labeled data, and the global model."""
+    if location.unlabeled:
+        raise SiteError(f"{location.folder}: an unlabeled target in the loop only sends its style; it never "
+                        "trains or evaluates")
+    cfg = _config(content, location)
+    site = load_site(location.folder, cfg.data, labeled=True, classes=federated_classes(cfg), name=location.name,
+                     cache_dir=cfg.data.cache_dir or None)
+    model, local_keys = _global_model(content, context, cfg)
     return cfg, LocalSite.from_site(site, cfg), model, local_keys
 
 
@@ -73,28 +102,58 @@ def _global_prototypes(content: RecordDict, model: CrossSimNet) -> Prototypes | 
     return prototypes_from_arrays(arrays, model.num_classes, model.embedding_dim)
 
 
+def _other_styles(content: RecordDict, context: Context, model: CrossSimNet, cfg: CrossSimConfig) -> list[StyleEntry]:
+    """The bank's entries of every node but this one."""
+    if STYLE_BANK_RECORD not in content:
+        return []
+    bank = bank_from_arrays(content[STYLE_BANK_RECORD].to_torch_state_dict(),
+                            layer_channels(model, cfg.method.style_layers))
+    return [entry for node, entry in bank.items() if node != str(context.node_id)]
+
+
 def train(content: RecordDict, context: Context, run_settings: Mapping[str, Any]) -> RecordDict:
-    """Local training on the global model; reply weights (no FedBN layers; floats in update-dtype), prototypes
-    and scalar metrics."""
-    cfg, site, model, local_keys = _setup(content, context, run_settings)
+    """Local training on the global model; reply weights (no FedBN layers; floats in update-dtype), prototypes,
+    the style entry (style bank on) and scalar metrics. An unlabeled target in the loop sends its style only."""
+    location = locate_site(context, run_settings)
+    if location.unlabeled:
+        return target_style(content, context, location)
+    cfg, site, model, local_keys = _setup(content, context, location)
+    device = resolve_device(cfg.train.device)
     config = content[CONFIG_RECORD]
+    style = style_of(model, site.train_x, cfg, device) if uses_style_bank(cfg) else None
     result, protos, compute_seconds = train_round(
         model, site, cfg, server_round=int(config[SERVER_ROUND]), lr=float(config[ROUND_LR]),
         lambda_sim=float(config[ROUND_LAMBDA]), prototypes=_global_prototypes(content, model),
-        device=resolve_device(cfg.train.device))
+        device=device, styles=_other_styles(content, context, model, cfg))
     model.cpu()
     if local_keys:
         _, local = split_state(model.state_dict(), local_keys)
         context.state[BATCHNORM_STATE_RECORD] = ArrayRecord({k: v.detach().clone() for k, v in local.items()})
-    return RecordDict({
+    records = {
         ARRAYS_RECORD: ArrayRecord(to_wire(sendable_state(model, local_keys), cfg.federation.update_dtype)),
         PROTOTYPES_RECORD: ArrayRecord(prototypes_to_arrays(protos)),
         METRICS_RECORD: MetricRecord(train_metrics(result, site, cfg, compute_seconds)),
-    })
+    }
+    if style is not None:
+        records[STYLE_RECORD] = ArrayRecord(style.to_arrays())
+    return RecordDict(records)
+
+
+def target_style(content: RecordDict, context: Context, location: SiteLocation) -> RecordDict:
+    """An unlabeled target in the loop: its style entry under the global model and its image count, nothing else."""
+    started = time.perf_counter()
+    cfg = _config(content, location)
+    site = load_site(location.folder, cfg.data, labeled=False, classes=federated_classes(cfg), name=location.name,
+                     cache_dir=cfg.data.cache_dir or None)
+    model, _ = _global_model(content, context, cfg)
+    style = style_of(model, site.images, cfg, resolve_device(cfg.train.device))
+    metrics = {TARGET_IMAGES: style.count, COMPUTE_SECONDS: time.perf_counter() - started,
+               LOAD_SECONDS: site.report.load_seconds}
+    return RecordDict({STYLE_RECORD: ArrayRecord(style.to_arrays()), METRICS_RECORD: MetricRecord(metrics)})
 
 
 def evaluate(content: RecordDict, context: Context, run_settings: Mapping[str, Any]) -> RecordDict:
     """Validation summaries of the global model (with this site's BN under FedBN); never per-image data."""
-    cfg, site, model, _ = _setup(content, context, run_settings)
+    cfg, site, model, _ = _setup(content, context, locate_site(context, run_settings))
     metrics = evaluate_round(model, site, cfg, _global_prototypes(content, model), resolve_device(cfg.train.device))
     return RecordDict({METRICS_RECORD: MetricRecord(metrics)})

@@ -17,6 +17,8 @@ METRICS_RECORD = "metrics"  # scalar metrics and fixed-length summaries (MetricR
 PROTOTYPES_RECORD = "prototypes"  # per-class embedding means with counts (ArrayRecord)
 PROTOTYPE_VECTORS = "vectors"  # inside PROTOTYPES_RECORD: (C, d) float32
 PROTOTYPE_COUNTS = "counts"  # inside PROTOTYPES_RECORD: (C,) int64, 0 = class not sent
+STYLE_RECORD = "style"  # a site's style entry (crosssim.style.StyleEntry.to_arrays), site → server
+STYLE_BANK_RECORD = "style-bank"  # every site's entry, keyed "<node id>/<layer>/<stat>", server → sites
 
 # ---------------------------------------------------------------- per-node state (Context.state keys)
 BATCHNORM_STATE_RECORD = "batchnorm"  # a site's own BatchNorm layers under FedBN; never sent
@@ -33,6 +35,7 @@ LOAD_SECONDS = "load-s"  # reading the site through the hospital-side cache
 CONFIDENCE_HISTOGRAM = "confidence-histogram"  # fixed-length, of the validation split (evaluate)
 TRAIN_CLASS_COUNTS = "train-class-counts"  # training split per class, cells under min-count sent as 0 (evaluate)
 SITE_CLASS_COUNTS = "site-class-counts"  # whole labeled site per class, cells under min-count sent as 0 (train)
+TARGET_IMAGES = "target-images"  # an unlabeled node in the loop: how many images its style entry covers (train)
 SHIFT_PREFIX = "shift/"  # + a crosssim.shift figure name: that figure on the site's validation split (evaluate)
 
 # ---------------------------------------------------------------- run-config keys beyond the config schema's own
@@ -40,13 +43,15 @@ CONFIG_FILE_KEY = "config-file"  # TOML layered over configs/default.toml before
 OUT_KEY = "out"  # run folder (RUN below)
 RESUME_KEY = "resume"  # continue from RUN/latest.pt
 SITE_DIRS_KEY = "site-dirs"  # simulation: comma-separated site folders, partition i = folder i
-RUN_KEYS = (CONFIG_FILE_KEY, OUT_KEY, RESUME_KEY, SITE_DIRS_KEY)
+TARGET_DIR_KEY = "target-dir"  # simulation: an unlabeled target in the loop, the partition after the sites
+RUN_KEYS = (CONFIG_FILE_KEY, OUT_KEY, RESUME_KEY, SITE_DIRS_KEY, TARGET_DIR_KEY)
 DEFAULT_OUT = "runs/federated"
 
 # ---------------------------------------------------------------- node-config keys
 NODE_DATA_KEY = "data"  # deployment: the hospital's site folder (`crosssim client --data`)
 NODE_SITE_KEY = "site"  # deployment: its name in logs (`--site`)
 NODE_CACHE_KEY = "cache"  # deployment: tensor cache on the hospital's disk (`--cache`)
+NODE_UNLABELED_KEY = "unlabeled"  # deployment: true for an unlabeled target in the loop (`--unlabeled`)
 PARTITION_ID_KEY = "partition-id"  # simulation: set by Flower, the index into SITE_DIRS_KEY
 
 # ---------------------------------------------------------------- the run folder RUN
@@ -55,6 +60,7 @@ ROUNDS_LOG_NAME = "rounds.jsonl"  # one server.store.RoundRecord per line
 LATEST_NAME = "latest.pt"
 FINAL_NAME = "final.pt"
 ROUND_CHECKPOINT_GLOB = "round-*.pt"
+STYLE_BANK_EXTRA = "style_bank"  # Checkpoint.extra key: the server's style bank (crosssim.style.bank_to_arrays)
 SUPERLINK_LOG_NAME = "superlink.log"  # `crosssim server` only
 FLWR_HOME_DIRNAME = ".flwr"  # `crosssim server` only: FLWR_HOME of its `flwr run`
 

@@ -78,6 +78,11 @@ class MethodConfig:
     min_count: int = 5  # a class with fewer samples at a site sends no prototype
     prototype_noise_std: float = 0.0  # Gaussian noise added to each sent prototype
     proximal_mu: float = 0.01  # fedprox only
+    pair_loss: bool = True  # crosssim: two scanner views per image and the pair term between them
+    consistency_weight: float = 0.0  # crosssim with pair-loss: weight of the symmetric KL between the views
+    style_mix_probability: float = 0.5  # crosssim: per-sample chance of mixing toward another site's style
+    style_layers: int = 2  # crosssim: first BatchNorm2d layers whose feature statistics form the style bank
+    style_alpha: float = 0.1  # Beta(α, α) weight of a sample's own statistics in a mix (MixStyle's 0.1)
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,10 @@ def validate(cfg: CrossSimConfig) -> None:
     if bad_classes or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError(f"config key 'classes': names must be unique, non-empty, without commas or surrounding "
                           f"spaces (got {list(cfg.data.classes)})")
+    if not 0.0 <= cfg.method.style_mix_probability <= 1.0:
+        raise ConfigError("config key 'style-mix-probability': must be in [0, 1]")
+    if cfg.method.style_layers < 0 or cfg.method.style_alpha < 0 or cfg.method.consistency_weight < 0:
+        raise ConfigError("config keys 'style-layers', 'style-alpha', 'consistency-weight': must be non-negative")
     if cfg.method.min_count < 1:
         raise ConfigError("config key 'min-count': must be at least 1")
 

@@ -25,13 +25,14 @@ from crosssim.boundary import (COMPUTE_SECONDS, CONFIDENCE_HISTOGRAM, LOAD_SECON
 from crosssim.checkpoint import SHIFT_REFERENCE_KEY, SourceStats
 from crosssim.config import FIELD_INDEX, ConfigError, CrossSimConfig, load_config, to_flat
 from crosssim.data.sites import SiteData
+from crosssim.method import uses_similarity
 from crosssim.metrics import confidence_histogram
 from crosssim.model import CrossSimNet, batchnorm_state_keys
 from crosssim.prototypes import Prototypes, compute_prototypes, privatize
 from crosssim.shift import aggregate_figures, forward_with_figures
+from crosssim.style import StyleEntry, compute_style
 from crosssim.train import TrainResult, infer, lambda_for_step, round_lr, train_local
 
-STRATEGIES_WITH_SIMILARITY = ("crosssim",)
 # Floating-point dtype of model weights on the wire (config key update-dtype); math is float32 everywhere.
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SITE_SEED_SPAN = 2**16  # per-site offset added to the seed, from a hash of the site name
@@ -90,7 +91,7 @@ def config_from_wire(values: Mapping[str, Any], cache_dir: str | None = None) ->
 def round_schedule(cfg: CrossSimConfig, server_round: int) -> tuple[float, float]:
     """(learning rate, λ) for a 1-based round; prototypes first exist after round 1, λ = 0 for baselines."""
     lr = round_lr(cfg.train.lr, cfg.train.schedule, server_round, cfg.federation.rounds)
-    if cfg.method.strategy not in STRATEGIES_WITH_SIMILARITY:
+    if not uses_similarity(cfg):
         return lr, 0.0
     return lr, lambda_for_step(cfg.method.lambda_sim, server_round - 1, cfg.method.lambda_warmup)
 
@@ -165,8 +166,8 @@ def reportable_counts(labels: torch.Tensor, num_classes: int, min_count: int) ->
 
 
 def train_round(model: nn.Module, site: LocalSite, cfg: CrossSimConfig, *, server_round: int, lr: float,
-                lambda_sim: float, prototypes: Prototypes | None,
-                device: torch.device) -> tuple[TrainResult, Prototypes, float]:
+                lambda_sim: float, prototypes: Prototypes | None, device: torch.device,
+                styles: Sequence[StyleEntry] = ()) -> tuple[TrainResult, Prototypes, float]:
     """Local epochs of ``CE + λ·L_sim`` (+ FedProx), BatchNorm statistics re-estimated, then prototypes.
 
     The running statistics that training leaves lag behind the weights (momentum over a few dozen augmented
@@ -182,13 +183,18 @@ def train_round(model: nn.Module, site: LocalSite, cfg: CrossSimConfig, *, serve
         global_params = {name: p.detach().clone() for name, p in model.named_parameters()}
     result = train_local(model, site.train_x, site.train_y, cfg, epochs=cfg.federation.local_epochs, lr=lr,
                          seed=seed, device=device, prototypes=prototypes, lambda_sim=lambda_sim,
-                         global_params=global_params)
+                         global_params=global_params, styles=styles)
     adabn(model, site.train_x, device)
     _, embeddings = infer(model, site.train_x, device)
     num_classes = len(federated_classes(cfg))
     protos = compute_prototypes(embeddings, site.train_y, num_classes, cfg.method.min_count)
     protos = privatize(protos, cfg.method.prototype_noise_std, torch.Generator().manual_seed(seed))
     return result, protos, time.perf_counter() - started
+
+
+def style_of(model: nn.Module, images: torch.Tensor, cfg: CrossSimConfig, device: torch.device) -> StyleEntry:
+    """A site's style entry under the global model it has just received (eval mode; count 0 under min-count)."""
+    return compute_style(model, images, cfg.method.style_layers, device, cfg.method.min_count)
 
 
 def train_metrics(result: TrainResult, site: LocalSite, cfg: CrossSimConfig,

@@ -10,6 +10,7 @@ from crosssim.config import ModelConfig
 
 SEED_CNN_POOLED_SIDE_PX = 8  # seed CNN feature map is pooled to 8×8 so any image size fits the dense layer
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+INFERENCE_BATCH_SIZE = 256  # images per forward pass when nothing trains (prediction, statistics)
 
 
 class SeedCNN(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from crosssim.augment import augment_batch
 from crosssim.config import CrossSimConfig, TrainConfig
-from crosssim.losses import proximal_term, similarity_loss
+from crosssim.losses import consistency_loss, pair_loss, proximal_term, similarity_loss
+from crosssim.method import uses_pair_loss, uses_style_bank
+from crosssim.model import INFERENCE_BATCH_SIZE
 from crosssim.prototypes import Prototypes
+from crosssim.style import StyleEntry, StyleMixer, mixing_styles
 
-INFERENCE_BATCH_SIZE = 256
 Progress = Callable[[str], None] | None
 
 
@@ -67,10 +69,14 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
                 epochs: int, lr: float, seed: int, device: torch.device,
                 prototypes: Prototypes | None = None, lambda_sim: float = 0.0,
                 global_params: dict[str, torch.Tensor] | None = None,
+                styles: Sequence[StyleEntry] = (),
                 epoch_end: Callable[[int], tuple[Prototypes, float] | None] | None = None,
                 progress: Progress = None) -> TrainResult:
-    """Train ``model`` in place with ``CE + λ·L_sim`` (+ FedProx term when ``global_params``).
+    """Train ``model`` in place with ``CE + λ·(L_sim + L_pair)`` (+ FedProx term when ``global_params``).
 
+    With the pair loss (``crosssim.method.uses_pair_loss``) every batch is rendered twice by random scanners
+    and both views train: CE on both, the prototype term on both, the pair term between them. With ``styles``
+    (other sites' style entries) the first style layers mix toward them (``crosssim.style``).
     ``epoch_end(epoch)`` may return refreshed (prototypes, λ) for the next epoch (pooled training
     recomputes them each epoch).
     The LR follows ``cfg.train.schedule`` over these ``epochs``.
@@ -83,6 +89,9 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     loader = make_loader(images, labels, cfg.train.batch_size, seed, device)
     augment_generator = torch.Generator().manual_seed(seed + 1)
     anchors = None if global_params is None else {k: v.to(device) for k, v in global_params.items()}
+    two_views = uses_pair_loss(cfg)
+    mixer = StyleMixer(styles, cfg.method.style_mix_probability, cfg.method.style_alpha, seed + 2) \
+        if uses_style_bank(cfg) else None
     totals = {"loss": 0.0, "ce": 0.0, "sim": 0.0, "correct": 0, "n": 0}
     started = time.perf_counter()
     for epoch in range(epochs):
@@ -92,16 +101,25 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         epoch_loss = 0.0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.augment.augment:
+            if two_views:
+                x, y = torch.cat([augment_batch(x, cfg.augment, augment_generator),
+                                  augment_batch(x, cfg.augment, augment_generator)]), torch.cat([y, y])
+            elif cfg.augment.augment:
                 x = augment_batch(x, cfg.augment, augment_generator)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with mixing_styles(model, mixer, cfg.method.style_layers), \
+                    torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits, z = model(x)
                 ce = F.cross_entropy(logits, y)
             sim = torch.zeros((), device=device)
             if proto_vectors is not None:
                 sim = similarity_loss(cfg.method.similarity, z.float(), y, proto_vectors, proto_present,
                                       cfg.method.temperature, cfg.method.margin)
+            if two_views and lambda_sim > 0:
+                sim = sim + pair_loss(cfg.method.similarity, z.float(), y, proto_vectors, proto_present,
+                                      cfg.method.temperature, cfg.method.margin)
             loss = ce.float() + lambda_sim * sim
+            if two_views and cfg.method.consistency_weight > 0:
+                loss = loss + cfg.method.consistency_weight * consistency_loss(logits)
             if anchors is not None:
                 loss = loss + proximal_term(model, anchors, cfg.method.proximal_mu)
             optimizer.zero_grad(set_to_none=True)

@@ -10,10 +10,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from crosssim.boundary import CONFIG_FILE_KEY, DEFAULT_OUT, OUT_KEY, RESUME_KEY, SITE_DIRS_KEY
+from crosssim.boundary import CONFIG_FILE_KEY, DEFAULT_OUT, OUT_KEY, RESUME_KEY, SITE_DIRS_KEY, STYLE_BANK_EXTRA
 from crosssim.config import FIELD_INDEX, ConfigError, CrossSimConfig, load_config
 from crosssim.federated import federated_classes, site_dirs, wire_config
 from crosssim.model import build_model
+from crosssim.style import bank_from_arrays, layer_channels
 from crosssim.train import seed_everything
 from server.store import RunStore
 from server.strategy import build_strategy
@@ -52,14 +53,16 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = pr
         store.start_fresh()
         seed_everything(cfg.seed)
         state = build_model(cfg.model, len(classes)).state_dict()
-        done, prototypes = 0, None
+        done, prototypes, style_bank = 0, None, {}
     else:
         state, done = start.state_dict, start.round
         prototypes = start.prototypes if bool(start.prototypes.present.any()) else None
+        style_bank = bank_from_arrays(start.extra.get(STYLE_BANK_EXTRA, {}),
+                                      layer_channels(build_model(cfg.model, len(classes)), cfg.method.style_layers))
         progress(f"resuming {store.out} after round {done}")
     store.save_config(cfg)
     strategy = build_strategy(cfg, classes, state, store, num_sites=settings.num_sites, round_offset=done,
-                              prototypes=prototypes, progress=progress)
+                              prototypes=prototypes, style_bank=style_bank, progress=progress)
     remaining = cfg.federation.rounds - done
     if remaining > 0:
         progress(f"{cfg.method.strategy}: rounds {done + 1}-{cfg.federation.rounds}, classes {', '.join(classes)}, "

@@ -26,7 +26,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.simulation import simulate
 
     cfg = config_from_args(args, _run_overrides(args))
-    final = simulate(args.sites, cfg, args.out, resume=args.resume, verbose=args.verbose)
+    final = simulate(args.sites, cfg, args.out, resume=args.resume, target=args.target, verbose=args.verbose)
     print(f"done: {final}")
     return 0
 
@@ -59,6 +59,10 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
                     "the same run folder as a real deployment.")
     simulate.add_argument("--sites", nargs="+", required=True, metavar="DIR", help="labeled site folders")
     add_run_options(simulate)
+    simulate.add_argument("--target", metavar="DIR",
+                          help="an unlabeled target site in the loop: one more virtual node that receives the global "
+                               "model each round and sends only its style entry and image count (never weights, "
+                               "prototypes or per-image values); sources then mix toward its style too")
     simulate.add_argument("--cache", metavar="DIR", help="tensor cache for every site (default: config cache-dir)")
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     simulate.set_defaults(handler=_simulate)

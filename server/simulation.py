@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from crosssim.boundary import OUT_KEY, RESUME_KEY, SITE_DIRS_KEY, final_checkpoint
+from crosssim.boundary import OUT_KEY, RESUME_KEY, SITE_DIRS_KEY, TARGET_DIR_KEY, final_checkpoint
 from crosssim.config import CrossSimConfig, to_run_config
-from crosssim.data.sites import labels_file_of, with_site_classes
+from crosssim.data.sites import SiteError, labels_file_of, with_site_classes
 
 Progress = Callable[[str], None]
 
@@ -30,8 +30,11 @@ def backend_config(num_sites: int, verbose: bool) -> dict[str, Any]:
 
 
 def simulate(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out: str | Path, *, resume: bool = False,
-             verbose: bool = False, progress: Progress = print) -> Path:
-    """Run every round with the sites as virtual SuperNodes; returns ``RUN/final.pt``."""
+             target: str | Path | None = None, verbose: bool = False, progress: Progress = print) -> Path:
+    """Run every round with the sites as virtual SuperNodes; returns ``RUN/final.pt``.
+
+    ``target``: an unlabeled site folder in the loop, one more virtual node that only sends its style entry.
+    """
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -44,14 +47,19 @@ def simulate(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out: str | Pa
     out = Path(out).resolve()
     settings = {**to_run_config(cfg), OUT_KEY: str(out), RESUME_KEY: resume,
                 SITE_DIRS_KEY: ",".join(str(f) for f in folders)}
+    if target is not None:
+        if not Path(target).is_dir():
+            raise SiteError(f"{target}: target site folder not found")
+        settings[TARGET_DIR_KEY] = str(Path(target).resolve())
+    num_nodes = len(folders) + (target is not None)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
-    progress(f"simulating {len(folders)} site(s) with strategy {cfg.method.strategy} for "
-             f"{cfg.federation.rounds} round(s)")
+    progress(f"simulating {len(folders)} site(s){' and an unlabeled target' if target is not None else ''} with "
+             f"strategy {cfg.method.strategy} for {cfg.federation.rounds} round(s)")
     try:
         run_simulation(server_app=build_server_app(settings, progress), client_app=build_client_app(settings),
-                       num_supernodes=len(folders), backend_config=backend_config(len(folders), verbose))
+                       num_supernodes=num_nodes, backend_config=backend_config(num_nodes, verbose))
     finally:
         import ray  # Flower's simulation backend; stop its processes now rather than at interpreter exit
 

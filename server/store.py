@@ -28,6 +28,7 @@ class RoundRecord:
     train_compute_s: list[float] = field(default_factory=list)  # per site
     load_s: list[float] = field(default_factory=list)  # per site
     class_counts: dict[str, list[int]] = field(default_factory=dict)  # "node N" → images per class (small as 0)
+    target_images: int = 0  # images behind the style entries of unlabeled targets in the loop
     train_s: float = 0.0
     evaluate: dict[str, float] = field(default_factory=dict)
     evaluate_failures: list[str] = field(default_factory=list)

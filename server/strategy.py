@@ -26,13 +26,16 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS, METRICS_RECORD,
-                               NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SITE_CLASS_COUNTS)
+                               NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SITE_CLASS_COUNTS,
+                               STYLE_BANK_EXTRA, STYLE_BANK_RECORD, STYLE_RECORD, TARGET_IMAGES)
 from crosssim.checkpoint import Checkpoint, SourceStats
 from crosssim.config import CrossSimConfig
 from crosssim.federated import (from_wire, local_state_keys, merge_state, prototypes_from_arrays,
                                 prototypes_to_arrays, round_schedule, source_stats, to_wire)
+from crosssim.method import uses_style_bank
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, aggregate_prototypes
+from crosssim.style import StyleEntry, aggregate_bank, bank_to_arrays, layer_channels
 from server.store import RoundRecord, RunStore
 
 Progress = Callable[[str], None]
@@ -71,14 +74,18 @@ class CrossSimStrategy(FedAvg):
 
     def __init__(self, *, cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
                  store: RunStore, round_offset: int = 0, prototypes: Prototypes | None = None,
-                 progress: Progress = print, **flower_kwargs: Any) -> None:
+                 style_bank: dict[str, StyleEntry] | None = None, progress: Progress = print,
+                 **flower_kwargs: Any) -> None:
         super().__init__(**flower_kwargs)
         self.cfg, self.classes, self.store, self.progress = cfg, classes, store, progress
         self.global_state = dict(global_state)
         self.round_offset = round_offset
         self.prototypes = prototypes
+        self.style_bank: dict[str, StyleEntry] = dict(style_bank or {})  # node id → its latest style entry
+        self.target_nodes: set[int] = set()  # unlabeled targets in the loop: they send styles, never evaluate
         model = build_model(cfg.model, len(classes))
         self.embedding_dim = model.embedding_dim
+        self.style_shapes = layer_channels(model, cfg.method.style_layers)
         self.local_keys = local_state_keys(model, cfg.method.strategy)
         self.source: SourceStats | None = None
         self.last_checkpoint: Checkpoint | None = None
@@ -95,13 +102,20 @@ class CrossSimStrategy(FedAvg):
             return arrays
         return ArrayRecord(to_wire(arrays.to_torch_state_dict(), self.cfg.federation.update_dtype))
 
-    def _with_prototypes(self, messages: Iterable[Message]) -> list[Message]:
+    def _with_summaries(self, messages: Iterable[Message], style_bank: bool) -> list[Message]:
+        """``messages`` with the global prototypes (and the style bank) added."""
         messages = list(messages)
+        extra: dict[str, ArrayRecord] = {}
         if self.prototypes is not None:
-            record = ArrayRecord(prototypes_to_arrays(self.prototypes))
-            for msg in messages:
-                msg.content[PROTOTYPES_RECORD] = record
+            extra[PROTOTYPES_RECORD] = ArrayRecord(prototypes_to_arrays(self.prototypes))
+        if style_bank and self.style_bank:
+            extra[STYLE_BANK_RECORD] = ArrayRecord(bank_to_arrays(self.style_bank))
+        for msg in messages:
+            msg.content.update(extra)
         return messages
+
+    def _style(self, msg: Message) -> StyleEntry:
+        return StyleEntry.from_arrays(msg.content[STYLE_RECORD].to_torch_state_dict(), self.style_shapes)
 
     def round_record(self, server_round: int) -> RoundRecord:
         """The record of this Flower round, started when the round's first step runs."""
@@ -117,8 +131,8 @@ class CrossSimStrategy(FedAvg):
         """Flower's sampling and records, plus this round's LR and λ and the global prototypes."""
         record = self.round_record(server_round)
         config[ROUND_LR], config[ROUND_LAMBDA] = record.lr, record.lambda_sim
-        current = record.round
-        return self._with_prototypes(super().configure_train(current, self._to_wire(arrays), config, grid))
+        messages = super().configure_train(record.round, self._to_wire(arrays), config, grid)
+        return self._with_summaries(messages, style_bank=uses_style_bank(self.cfg))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -127,11 +141,18 @@ class CrossSimStrategy(FedAvg):
         ok, errors = _split_replies(replies)
         for line in errors:
             self.progress(f"round {record.round}: {line}")
+        styles = {str(msg.metadata.src_node_id): self._style(msg) for msg in ok if STYLE_RECORD in msg.content}
+        self.style_bank = aggregate_bank(self.style_bank, styles)
+        targets = [msg for msg in ok if ARRAYS_RECORD not in msg.content]  # unlabeled: a style and a count only
+        self.target_nodes |= {msg.metadata.src_node_id for msg in targets}
+        record.target_images = sum(int(msg.content[METRICS_RECORD][TARGET_IMAGES]) for msg in targets)
+        ok = [msg for msg in ok if ARRAYS_RECORD in msg.content]
         if not ok:
             raise RuntimeError(f"round {record.round}: no site finished training "
                                f"({'; '.join(errors) or 'no reply before the round timeout'})")
         site_prototypes = []
         for msg in ok:
+            msg.content.pop(STYLE_RECORD, None)
             if self.local_keys & set(msg.content[ARRAYS_RECORD].keys()):
                 raise ValueError(f"node {msg.metadata.src_node_id} sent its FedBN-local BatchNorm layers")
             arrays = msg.content[PROTOTYPES_RECORD].to_torch_state_dict()
@@ -157,8 +178,10 @@ class CrossSimStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._with_prototypes(super().configure_evaluate(self.global_round(server_round),
-                                                                self._to_wire(arrays), config, grid))
+        """Flower's evaluate messages with the global prototypes, to every labeled site (never a target)."""
+        messages = super().configure_evaluate(self.global_round(server_round), self._to_wire(arrays), config, grid)
+        return self._with_summaries([m for m in messages if m.metadata.dst_node_id not in self.target_nodes],
+                                    style_bank=False)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Scalar averages for the log; pooled histogram, accuracy and prevalence become the ATC reference."""
@@ -184,7 +207,8 @@ class CrossSimStrategy(FedAvg):
                           self.prototypes or Prototypes.empty(len(self.classes), self.embedding_dim),
                           self.source, round=record.round, kind="federated",
                           extra={"strategy": self.cfg.method.strategy, "sites": record.sites,
-                                 "class_counts": dict(zip(self.classes, class_totals))})
+                                 "class_counts": dict(zip(self.classes, class_totals)),
+                                 STYLE_BANK_EXTRA: bank_to_arrays(self.style_bank)})
         record.checkpoint = self.store.save_round(ckpt).name
         record.wall_s = time.perf_counter() - self._started
         self.last_checkpoint = ckpt
@@ -206,11 +230,12 @@ def _progress_line(record: RoundRecord, total_rounds: int) -> str:
 
 def build_strategy(cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
                    store: RunStore, *, num_sites: int, round_offset: int = 0,
-                   prototypes: Prototypes | None = None, progress: Progress = print) -> CrossSimStrategy:
+                   prototypes: Prototypes | None = None, style_bank: dict[str, StyleEntry] | None = None,
+                   progress: Progress = print) -> CrossSimStrategy:
     """The strategy of a run, waiting for ``num_sites`` sites before each round."""
     return CrossSimStrategy(
         cfg=cfg, classes=classes, global_state=global_state, store=store, round_offset=round_offset,
-        prototypes=prototypes, progress=progress, fraction_train=cfg.federation.fraction_train,
+        prototypes=prototypes, style_bank=style_bank, progress=progress, fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=num_sites,
         weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS_RECORD, configrecord_key=CONFIG_RECORD,
         train_metrics_aggr_fn=scalar_metrics_average, evaluate_metrics_aggr_fn=scalar_metrics_average)

@@ -2,8 +2,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from crosssim.losses import contrastive_loss, infonce_loss, proximal_term, similarity_loss
+from crosssim.losses import (consistency_loss, contrastive_loss, infonce_loss, pair_loss, proximal_term,
+                             similarity_loss)
 
 # 2-class example: z = (0.6, 0.8), prototypes e0 and e1, label 0.
 Z = torch.tensor([[0.6, 0.8]])
@@ -54,3 +56,47 @@ def test_proximal_term_is_zero_at_anchor_and_grows_with_distance():
     with torch.no_grad():
         model.weight.add_(1.0)
     assert proximal_term(model, anchor, 0.1).item() == pytest.approx(0.5 * 0.1 * 6.0)
+
+
+def _views() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images of class 0 and one of class 1, two views each (view 1 rows first): unit vectors in 2-D."""
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    z = torch.stack([e0, e0, e1, e0, F.normalize(e0 + 0.1 * e1, dim=0), e1])
+    return z, torch.tensor([0, 0, 1, 0, 0, 1])
+
+
+def test_pair_loss_infonce_counts_the_partner_against_other_class_embeddings_only():
+    z, y = _views()
+    tau = 0.5
+    loss = pair_loss("infonce", z, y, None, None, tau, 1.0)
+    sims = z @ z.t() / tau
+    partner = [3, 4, 5, 0, 1, 2]
+    expected = []
+    for i in range(6):
+        negatives = [j for j in range(6) if y[j] != y[i]]  # same-class other images are neither
+        logits = torch.stack([sims[i, partner[i]], *sims[i, negatives]])
+        expected.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.isclose(loss, torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_pair_loss_infonce_adds_other_class_prototypes_as_negatives():
+    z, y = _views()
+    prototypes, present = torch.eye(2), torch.tensor([True, True])
+    with_prototypes = pair_loss("infonce", z, y, prototypes, present, 0.5, 1.0)
+    without = pair_loss("infonce", z, y, None, None, 0.5, 1.0)
+    assert with_prototypes > without  # one more dissimilar candidate per row, each at similarity 0 or 1
+
+
+def test_pair_loss_contrastive_is_the_seeds_margin_loss_on_pairs():
+    z, y = _views()
+    loss = pair_loss("contrastive", z, y, None, None, 0.1, 1.5)
+    partner = [3, 4, 5, 0, 1, 2]
+    similar = torch.stack([(z[i] - z[partner[i]]).pow(2).sum() for i in range(6)]).mean()
+    dissimilar = [torch.relu(1.5 - (z[i] - z[j]).norm()).pow(2) for i in range(6) for j in range(6) if y[i] != y[j]]
+    assert torch.isclose(loss, similar + torch.stack(dissimilar).mean(), atol=1e-6)
+
+
+def test_consistency_is_zero_for_identical_views_and_positive_otherwise():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    assert consistency_loss(torch.cat([logits, logits])) == 0
+    assert consistency_loss(torch.cat([logits, logits.flip(1)])) > 0

@@ -8,7 +8,8 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, M
 
 from client.app import app as client_app
 from crosssim.boundary import (BATCHNORM_STATE_RECORD, CONFIDENCE_HISTOGRAM, PROTOTYPE_COUNTS, PROTOTYPE_VECTORS,
-                               ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, SITE_CLASS_COUNTS, TRAIN_CLASS_COUNTS)
+                               ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, SITE_CLASS_COUNTS, STYLE_BANK_RECORD, STYLE_RECORD,
+                               TARGET_IMAGES, TRAIN_CLASS_COUNTS)
 from crosssim.config import load_config
 from crosssim.data.sites import load_site
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
@@ -17,6 +18,7 @@ from crosssim.federated import LocalSite, prototypes_to_arrays, wire_config
 from crosssim.metrics import CONFIDENCE_BINS
 from crosssim.model import batchnorm_state_keys, build_model
 from crosssim.prototypes import Prototypes
+from crosssim.style import STYLE_COUNT, STYLE_STATS, StyleEntry, bank_to_arrays, layer_channels
 
 IMAGE_SIZE_PX = 32
 MIN_COUNT = 3  # with 12 images a site, some classes fall under it
@@ -37,15 +39,17 @@ def _message(content: RecordDict, message_type: str) -> Message:
 
 
 def _send(site_dir, tmp_path, strategy: str, message_type: str, prototypes: Prototypes | None = None,
-          context: Context | None = None):
+          context: Context | None = None, unlabeled: bool = False, style_bank: dict | None = None):
     cfg = load_config(None, {**TINY, "strategy": strategy})
     model = build_model(cfg.model, len(cfg.data.classes))
     config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 2, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.5})
     records = {"arrays": ArrayRecord(model.state_dict()), "config": config}
     if prototypes is not None:
         records["prototypes"] = ArrayRecord(prototypes_to_arrays(prototypes))
-    context = context or Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                                 node_config={"data": str(site_dir), "site": "a", "cache": str(tmp_path / "cache")})
+    if style_bank is not None:
+        records[STYLE_BANK_RECORD] = ArrayRecord(bank_to_arrays(style_bank))
+    node_config = {"data": str(site_dir), "site": "a", "cache": str(tmp_path / "cache"), "unlabeled": unlabeled}
+    context = context or Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config=node_config)
     reply = client_app(_message(RecordDict(records), message_type), context)
     assert not reply.has_error()
     return cfg, model, reply.content, context
@@ -60,7 +64,8 @@ def _train_split(site_dir, cfg, tmp_path) -> LocalSite:
 def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_path, strategy):
     global_protos = Prototypes(torch.nn.functional.normalize(torch.randn(4, 128), dim=1), torch.tensor([5, 5, 5, 0]))
     cfg, model, content, context = _send(site_dir, tmp_path, strategy, MessageType.TRAIN, global_protos)
-    assert set(content.keys()) == {"arrays", "prototypes", "metrics"}
+    assert set(content.keys()) == {"arrays", "prototypes", "metrics"} | ({STYLE_RECORD} if strategy == "crosssim"
+                                                                         else set())
     split = _train_split(site_dir, cfg, tmp_path)
 
     expected = model.state_dict()
@@ -75,8 +80,11 @@ def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_pat
     assert set(protos) == {PROTOTYPE_VECTORS, PROTOTYPE_COUNTS}
     assert protos[PROTOTYPE_VECTORS].shape == (4, 128) and protos[PROTOTYPE_COUNTS].shape == (4,)
 
+    style = content[STYLE_RECORD].to_torch_state_dict() if STYLE_RECORD in content else {}
+    if style:
+        assert_only_declared_style(style, model, cfg, expected_count=len(split.train_y))
     image_tail = (IMAGE_SIZE_PX, IMAGE_SIZE_PX)
-    assert not any(tuple(v.shape[-2:]) == image_tail for v in [*sent.values(), *protos.values()])
+    assert not any(tuple(v.shape[-2:]) == image_tail for v in [*sent.values(), *protos.values(), *style.values()])
     metrics = dict(content["metrics"])
     site_counts = metrics.pop(SITE_CLASS_COUNTS)  # the one list: images per class, small cells suppressed
     all_counts = torch.bincount(torch.cat([split.train_y, split.val_y]), minlength=4)
@@ -106,3 +114,26 @@ def test_evaluate_reply_holds_scalars_and_fixed_length_summaries(site_dir, tmp_p
     train_counts = torch.bincount(_train_split(site_dir, cfg, tmp_path).train_y, minlength=4)
     assert class_counts == [int(c) if c >= MIN_COUNT else 0 for c in train_counts]  # small cells suppressed
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+
+
+def assert_only_declared_style(style: dict, model, cfg, expected_count: int) -> None:
+    """A style record: exactly 4 per-channel statistics per style layer and one count; nothing per image."""
+    shapes = layer_channels(model, cfg.method.style_layers)
+    assert set(style) == {f"{layer}/{stat}" for layer in shapes for stat in STYLE_STATS} | {STYLE_COUNT}
+    assert all(tuple(style[f"{layer}/{stat}"].shape) == (channels,)
+               for layer, channels in shapes.items() for stat in STYLE_STATS)
+    assert style[STYLE_COUNT].tolist() == [expected_count]
+
+
+def test_unlabeled_target_in_the_loop_sends_its_style_and_image_count_only(site_dir, tmp_path):
+    other = StyleEntry({layer: {stat: torch.ones(channels) for stat in STYLE_STATS}
+                        for layer, channels in layer_channels(build_model(load_config(None, TINY).model, 4),
+                                                              2).items()}, 10)
+    cfg, model, content, context = _send(site_dir, tmp_path, "crosssim", MessageType.TRAIN, unlabeled=True,
+                                         style_bank={"3": other})
+    assert set(content.keys()) == {STYLE_RECORD, "metrics"}  # no weights, no prototypes
+    assert set(content["metrics"].keys()) == {TARGET_IMAGES, "compute-s", "load-s"}
+    images = len(load_site(site_dir, cfg.data, labeled=False, cache_dir=tmp_path / "cache"))
+    assert content["metrics"][TARGET_IMAGES] == images
+    assert_only_declared_style(content[STYLE_RECORD].to_torch_state_dict(), model, cfg, expected_count=images)
+    assert len(context.state) == 0  # nothing kept at the node either

@@ -11,7 +11,7 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, Context, Message, MessageType, Me
 from flwr.serverapp import Grid
 
 from client.app import app as client_app
-from crosssim.boundary import BATCHNORM_STATE_RECORD, SERVER_ROUND
+from crosssim.boundary import BATCHNORM_STATE_RECORD, SERVER_ROUND, STYLE_BANK_RECORD
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import load_config
 from crosssim.data.sites import LABELS_FILENAME, read_labels_csv, write_labels_csv
@@ -19,6 +19,7 @@ from crosssim.data.synth import generate_hospitals
 from crosssim.federated import prototypes_to_arrays, round_schedule
 from crosssim.model import batchnorm_state_keys, build_model
 from crosssim.prototypes import Prototypes
+from crosssim.style import bank_from_arrays, layer_channels
 from server.app import ServerSettings, run_federation
 from server.store import RunStore
 from server.strategy import build_strategy
@@ -34,13 +35,15 @@ class LoopbackGrid(Grid):
     Only what ``Strategy.start`` uses is implemented.
     """
 
-    def __init__(self, site_dirs, cache_dir) -> None:
+    def __init__(self, site_dirs, cache_dir, unlabeled_dirs=()) -> None:
         self.contexts = {
             node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                          node_config={"data": str(d), "site": d.name, "cache": str(cache_dir)})
-            for node, d in enumerate(site_dirs, start=1)}
+                          node_config={"data": str(d), "site": d.name, "cache": str(cache_dir),
+                                       "unlabeled": i >= len(site_dirs)})
+            for i, (node, d) in enumerate(enumerate([*site_dirs, *unlabeled_dirs], start=1))}
         self.train_sent: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.train_configs: list[dict] = []
+        self.sent: list[tuple[int, Message]] = []  # (server round when sent, message), in order
 
     def set_run(self, run) -> None:
         raise NotImplementedError
@@ -64,6 +67,7 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            self.sent.append((int(msg.content["config"][SERVER_ROUND]), msg))  # Flower reuses the config record
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.train_sent.append((int(msg.content["config"][SERVER_ROUND]),
                                         msg.content["arrays"].to_torch_state_dict()))
@@ -209,3 +213,23 @@ def test_a_site_with_unknown_labels_fails_its_reply_in_one_line_and_the_round_pr
     assert failure.startswith("node 3: ") and str(bad / LABELS_FILENAME) in failure and "'pneumothorax' ×1" in failure
     assert "\n" not in failure and f"round 1: {failure}" in lines  # the server's log shows it as one line
     assert sum(line.startswith("node ") and "normal=" in line for line in lines) == 2  # round 1: counts per site
+
+
+def test_style_bank_gathers_every_site_and_the_unlabeled_target_which_never_trains_or_evaluates(
+        tmp_path, sites, flower_task):
+    target = generate_hospitals(tmp_path / "target-sites", images_per_site=8, image_size=32).target_site
+    cfg = load_config(None, {**TINY, "rounds": 2, "style-mix-probability": 0.5})
+    grid = LoopbackGrid(sites, tmp_path / "cache", unlabeled_dirs=[target])
+    final = load_checkpoint(run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 3), lambda _: None))
+    target_node = 3
+    to_target = [m.metadata.message_type for _, m in grid.sent if m.metadata.dst_node_id == target_node]
+    assert to_target == [MessageType.TRAIN, MessageType.TRAIN]  # the global model each round, never evaluate
+    second_round = [m for r, m in grid.sent if m.metadata.message_type == MessageType.TRAIN and r == 2]
+    assert len(second_round) == 3
+    shapes = layer_channels(build_model(cfg.model, len(CLASSES)), cfg.method.style_layers)
+    for msg in second_round:
+        bank = bank_from_arrays(msg.content[STYLE_BANK_RECORD].to_torch_state_dict(), shapes)
+        assert set(bank) == {"1", "2", "3"}  # both sources and the target, from round 1
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert all(r["sites"] == 2 and r["target_images"] == 8 and not r["failures"] for r in rounds)
+    assert set(bank_from_arrays(final.extra["style_bank"], shapes)) == {"1", "2", "3"}  # kept for --resume
