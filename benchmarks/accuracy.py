@@ -6,7 +6,9 @@ For each suite (``benchmarks/datasets.py``) and seed: prepare the sites, then ru
 - ``local-only``: ``crosssim train`` on each source alone; every figure is the MEAN over the sources;
 - ``pooled``: ``crosssim train`` on the union of the sources with ``strategy=fedavg`` (cross-entropy only,
   the centralized bound);
-- ``fedavg``, ``fedprox``, ``fedbn``, ``crosssim`` (InfoNCE), ``crosssim-contrastive``: ``crosssim simulate``;
+- ``fedavg``, ``fedprox``, ``fedbn`` and the CrossSim ablation rows (``FEDERATED_METHODS``: fedavg + scanner
+  views, the previous prototype-only CrossSim, + scanner views and pair loss, the default with the style bank,
+  + the target's style in the loop, the contrastive form): ``crosssim simulate``;
 - every checkpoint above is scored on the whole target with ``crosssim evaluate --labels`` three times:
   ``--adapt none``, ``adabn`` and ``tent``;
 - ``oracle``: ``crosssim train`` on the labeled half of the target (``oracle/train``), evaluated on the
@@ -78,16 +80,27 @@ SUITE_IMAGE_SIZE_PX = {"digits": DIGITS_IMAGE_SIZE_PX}  # other suites: configs/
 DEFAULT_SEEDS = 3
 DEFAULT_JOBS = 1  # parallel (suite, seed) processes
 
+TARGET_SITE_TOKEN = "{target}"  # in a method's flags: the suite's unlabeled target folder
 FEDERATED_METHODS: dict[str, list[str]] = {  # method → crosssim simulate flags that define it
     "fedavg": ["--strategy", "fedavg"],
+    "fedavg-scanner": ["--strategy", "fedavg", "--set", "augment=scanner"],
     "fedprox": ["--strategy", "fedprox"],
     "fedbn": ["--strategy", "fedbn"],
-    "crosssim": ["--strategy", "crosssim", "--set", "similarity=infonce"],
+    "crosssim-prototypes": ["--strategy", "crosssim", "--set", "augment=basic", "--set", "pair-loss=false",
+                            "--set", "style-mix-probability=0"],
+    "crosssim-pairs": ["--strategy", "crosssim", "--set", "style-mix-probability=0"],
+    "crosssim": ["--strategy", "crosssim"],
+    "crosssim-target": ["--strategy", "crosssim", "--target", TARGET_SITE_TOKEN],
     "crosssim-contrastive": ["--strategy", "crosssim", "--set", "similarity=contrastive"],
 }
 METHODS = ("local-only", "pooled", *FEDERATED_METHODS, "oracle")
 METHOD_LABELS = {"local-only": "local-only (mean over sources)", "pooled": "pooled (centralized bound)",
-                 "crosssim": "crosssim (InfoNCE)", "crosssim-contrastive": "crosssim (contrastive)",
+                 "fedavg-scanner": "fedavg + scanner views",
+                 "crosssim-prototypes": "crosssim, prototype term only (previous method)",
+                 "crosssim-pairs": "crosssim: + scanner views + pair loss",
+                 "crosssim": "crosssim (default: + style bank)",
+                 "crosssim-target": "crosssim + target style in the loop",
+                 "crosssim-contrastive": "crosssim, contrastive form",
                  "oracle": "target oracle (held-out half)"}
 ADAPTS = ("none", "adabn", "tent")
 ADAPT_LABELS = {"none": "plain", "adabn": "AdaBN", "tent": "TENT"}
@@ -451,7 +464,8 @@ def run_method(method: str, run: MethodRun, sites: SuiteSites, suite: str, seed:
         run(["train", "--sites", *map(str, sites.source_sites), "--out", str(out / "train"), *ce_only, *common])
         return {"figures": evaluate_all(run, out / "train" / "final.pt", sites, out, cache, protocol)}
     if method in FEDERATED_METHODS:
-        run(simulate_argv(sites.source_sites, out / "train", FEDERATED_METHODS[method], protocol, common))
+        flags = [str(sites.target_site) if f == TARGET_SITE_TOKEN else f for f in FEDERATED_METHODS[method]]
+        run(simulate_argv(sites.source_sites, out / "train", flags, protocol, common))
         return {"figures": evaluate_all(run, out / "train" / "final.pt", sites, out, cache, protocol)}
     if method == "oracle":
         run(["train", "--sites", str(sites.oracle_train), "--out", str(out / "train"), *ce_only, *common])

@@ -30,11 +30,11 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy
 from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, FIGURE_LABELS,  # noqa: E402
                                  FIGURES, METHOD_LABELS, METHODS, RESULTS_DIR, SUITES, format_stat, git_commit,
                                  suite_table, summarize)
-from benchmarks.lambda_sweep import sweep_table  # noqa: E402
+from benchmarks.loso_sweep import sweep_table  # noqa: E402
 
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 ACCURACY_GLOB = "accuracy-*.json"
-LAMBDA_GLOB = "lambda-*.json"  # benchmarks/lambda_sweep.py
+LOSO_GLOB = "loso-*.json"  # benchmarks/loso_sweep.py
 BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
 EXAMPLE_SEED = "0"  # RESULTS.md lists the crosssim command lines of this seed (other seeds differ in --seed only)
 
@@ -153,7 +153,7 @@ def load_table(load: Mapping[str, Any]) -> list[str]:
 
 
 def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, Any] | None = None,
-                      perf: Mapping[str, Any] | None = None, lambda_docs: Sequence[Mapping[str, Any]] = (),
+                      perf: Mapping[str, Any] | None = None, loso_docs: Sequence[Mapping[str, Any]] = (),
                       other_files: Sequence[str] = (), generated: str | None = None,
                       commit: Mapping[str, Any] | None = None) -> str:
     """The whole RESULTS.md as text (a pure function of the results, for tests)."""
@@ -196,12 +196,16 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
                 f"Run {perf.get('date', '?')} at commit {str(perf.get('git_commit', '?'))[:12]}, mode "
                 f"{perf.get('mode', '?')}, {perf.get('torch_threads_in_process', '?')} torch thread(s) in process; "
                 "every ratio is A/B measured in the same run.", "", str(perf.get("table", "")).rstrip(), ""]
-    if lambda_docs:
-        out += ["## Choosing λ without target labels (`benchmarks/lambda_sweep.py`, not part of `make bench`)", "",
-                "Each λ trains CrossSim (InfoNCE) on two sources and is scored on the third, for every choice of "
-                "the third; the best mean picks λ, and only that λ is trained on all sources and scored on the "
-                "target. λ = 0 is the same federation without the similarity term.", "",
-                *[part for doc in lambda_docs for part in (sweep_table(doc), "")]]
+    if loso_docs:
+        out += ["## Choosing defaults without target labels (`benchmarks/loso_sweep.py`, not part of `make bench`)",
+                "", "Each candidate trains CrossSim on two sources and is scored on the third (plain and with "
+                "AdaBN), for every choice of the third; the best mean picks the candidate, and only that one is "
+                "trained on all sources and scored on the target.", ""]
+        for doc in loso_docs:
+            candidates = "; ".join(f"{name}: `{', '.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}`"
+                                   for name, o in doc.get("candidates", {}).items())
+            out += [f"### {doc.get('study', '?')} on {doc.get('suite', '?')}", "", f"Candidates: {candidates}.", "",
+                    sweep_table(doc), ""]
     if other_files:
         out += ["## Other results", "", *[f"- `benchmarks/results/{name}`" for name in other_files], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -226,10 +230,10 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
     results_dir = Path(results_dir)
     docs = load_accuracy_docs(results_dir)
     load, perf = _read_json(results_dir / "load.json"), _read_json(results_dir / "perf.json")
-    lambda_docs = [doc for path in sorted(results_dir.glob(LAMBDA_GLOB)) if (doc := _read_json(path)) is not None]
-    known = {d["_file"] for d in docs} | {"load.json", "perf.json"} | {p.name for p in results_dir.glob(LAMBDA_GLOB)}
+    loso_docs = [doc for path in sorted(results_dir.glob(LOSO_GLOB)) if (doc := _read_json(path)) is not None]
+    known = {d["_file"] for d in docs} | {"load.json", "perf.json"} | {p.name for p in results_dir.glob(LOSO_GLOB)}
     others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
-    text = render_results_md(docs, load=load, perf=perf, lambda_docs=lambda_docs, other_files=others, **kwargs)
+    text = render_results_md(docs, load=load, perf=perf, loso_docs=loso_docs, other_files=others, **kwargs)
     Path(out).write_text(text)
     return Path(out)
 

@@ -1,4 +1,4 @@
-"""The leave-one-source-out λ choice (benchmarks/lambda_sweep.py): never reads the target's labels to choose."""
+"""Choosing a default by leaving one source out (benchmarks/loso_sweep.py): never reads the target's labels to choose."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import lambda_sweep as sweep
+from benchmarks import loso_sweep as sweep
 from tests.bench_fakes import TARGET, TINY, fake_sites, write_csv
 
 SOURCE_IMAGES = ["images/00000.dcm", "images/00001.dcm"]
+CANDIDATES = {"small": {"lambda-sim": "0"}, "mid": {"lambda-sim": "0.5"}, "large": {"lambda-sim": "2"}}
 
 
 class FakeSweepCrosssim:
-    """Stands in for ``crosssim.cli.main``: a model's accuracy on a held-out source is λ-dependent (best at
-    0.5); on the target every model scores 0.5. Records which label files evaluations read."""
+    """Stands in for ``crosssim.cli.main``: a model's accuracy on a held-out source depends on λ (best at 0.5)
+    and on the adaptation; on the target every model scores 0.5. Records which label files evaluations read."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
@@ -32,7 +33,8 @@ class FakeSweepCrosssim:
         lam = json.loads(Path(argv[argv.index("--checkpoint") + 1]).read_text())["lambda"]
         self.label_files.append(argv[argv.index("--labels") + 1])
         on_target = argv[argv.index("--data") + 1].endswith("/target")
-        accuracy = 0.5 if on_target else {0.0: 0.6, 0.5: 0.8, 2.0: 0.7}[lam]
+        adabn_bonus = 0.1 if argv[argv.index("--adapt") + 1] == "adabn" else 0.0
+        accuracy = 0.5 if on_target else {0.0: 0.6, 0.5: 0.8, 2.0: 0.7}[lam] + adabn_bonus
         rows = [[path, "a", "0.900000", "0.9", "0.1"] for path, _ in TARGET]
         write_csv(out / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
         (out / "metrics.json").write_text(json.dumps({
@@ -40,7 +42,7 @@ class FakeSweepCrosssim:
             "labeled": {"accuracy": accuracy, "balanced_accuracy": accuracy}}))
 
 
-def test_lambda_is_chosen_on_held_out_sources_then_scored_once_on_the_target(tmp_path: Path) -> None:
+def test_a_candidate_is_chosen_on_held_out_sources_then_scored_once_on_the_target(tmp_path: Path) -> None:
     fake = FakeSweepCrosssim()
 
     def prepare(name, out_dir, *, seed, size, limit, cache_dir, progress):
@@ -49,35 +51,43 @@ def test_lambda_is_chosen_on_held_out_sources_then_scored_once_on_the_target(tmp
             write_csv(site / "labels.csv", ["path", "label"], [[p, "a"] for p in SOURCE_IMAGES])
         return sites
 
-    doc = sweep.run_sweep("synthetic", [0], [0.0, 0.5, 2.0], tmp_path / "work", tmp_path / "results",
+    doc = sweep.run_sweep("lambda", "synthetic", [0], CANDIDATES, tmp_path / "work", tmp_path / "results",
                           protocol=TINY, crosssim=fake, prepare=prepare)
     record = doc["runs"]["0"]
-    assert record["chosen_lambda"] == 0.5
-    assert record["mean_held_out_accuracy"] == pytest.approx({"0": 0.6, "0.5": 0.8, "2": 0.7})
-    # 3 λ × 3 held-out sources, each trained on the two others; then one run on all three sources
+    assert record["chosen"] == "mid"
+    assert record["mean_held_out_accuracy"] == pytest.approx({"small": 0.65, "mid": 0.85, "large": 0.75})
+    # 3 candidates × 3 held-out sources, each trained on the two others; then one run on all three sources
     simulations = [c for c in fake.calls if c[0] == "simulate"]
     assert len(simulations) == 10
     assert all(len(c[c.index("--sites") + 1:c.index("--out")]) == 2 for c in simulations[:9])
     assert len(simulations[-1][simulations[-1].index("--sites") + 1:simulations[-1].index("--out")]) == 3
-    # the choice reads only source labels; the target's labels are read after, for the chosen λ only
+    # the choice reads only source labels (plain + AdaBN each); the target's are read after, for the choice only
     target_reads = [i for i, f in enumerate(fake.label_files) if f.endswith("target_labels.csv")]
-    assert len(fake.label_files) - len(target_reads) == 9 and min(target_reads) == 9
+    assert len(fake.label_files) - len(target_reads) == 18 and min(target_reads) == 18
     assert set(record["target"]) == {"none", "adabn", "tent"}
-    assert json.loads((tmp_path / "results" / "lambda-synthetic.json").read_text())["runs"]["0"]["chosen_lambda"] == 0.5
+    saved = json.loads((tmp_path / "results" / "loso-lambda-synthetic.json").read_text())
+    assert saved["runs"]["0"]["chosen"] == "mid"
 
 
-def test_ties_go_to_the_smaller_lambda() -> None:
-    assert sweep.choose_lambda({0.0: 0.7, 0.5: 0.7, 2.0: 0.6}) == 0.0
+def test_ties_go_to_the_candidate_listed_first() -> None:
+    assert sweep.choose({"b": 0.7, "a": 0.7, "c": 0.6}) == "b"
+
+
+def test_candidates_parse_from_the_command_line() -> None:
+    assert sweep.parse_candidate("mix0:style-mix-probability=0,pair-loss=false") == (
+        "mix0", {"style-mix-probability": "0", "pair-loss": "false"})
+    assert sweep.parse_candidate("defaults:") == ("defaults", {})
 
 
 def test_sweep_table_row_and_results_md_section(tmp_path: Path) -> None:
     from benchmarks import run_all
 
-    doc = {"suite": "synthetic", "lambdas": [0.0, 0.5], "runs": {"0": {
-        "mean_held_out_accuracy": {"0": 0.61, "0.5": 0.64}, "chosen_lambda": 0.5,
-        "target": {"none": {"accuracy": 0.55}, "adabn": {"accuracy": 0.6}}}}}
-    assert "| synthetic | 0 | 0.610 | 0.640 | 0.5 | 0.550 | 0.600 |" in sweep.sweep_table(doc)
-    (tmp_path / "lambda-synthetic.json").write_text(json.dumps(doc))
+    doc = {"study": "lambda", "suite": "synthetic", "candidates": {"small": {"lambda-sim": "0"}, "mid": {}},
+           "runs": {"0": {"mean_held_out_accuracy": {"small": 0.61, "mid": 0.64}, "chosen": "mid",
+                          "target": {"none": {"accuracy": 0.55}, "adabn": {"accuracy": 0.6}}}}}
+    assert "| synthetic | 0 | 0.610 | 0.640 | mid | 0.550 | 0.600 |" in sweep.sweep_table(doc)
+    (tmp_path / "loso-lambda-synthetic.json").write_text(json.dumps(doc))
     text = run_all.write_results_md(tmp_path, tmp_path / "RESULTS.md", generated="now",
                                     commit={"commit": None, "dirty": None}).read_text()
-    assert "## Choosing λ without target labels" in text and "lambda-synthetic.json" not in text
+    assert "## Choosing defaults without target labels" in text and "loso-lambda-synthetic.json" not in text
+    assert "small: `lambda-sim=0`; mid: `defaults`" in text
