@@ -3,10 +3,11 @@
 Steps (one progress line each; a table at the end; JSON with date, git commit and machine):
 
 1. client training throughput: ``crosssim.train.train_local`` vs a bare PyTorch loop (same CrossSimNet,
-   same in-memory tensors, same batch size, plain CE + Adam, no augmentation), with augmentation off and
-   with CrossSim's default (augmentation on, λ > 0 with prototypes); repeats interleaved, the best of
-   them reported (the least disturbed on a shared machine; medians in the JSON), in ``--threads`` torch
-   threads (default 1), and the CrossSim default once more in torch's default thread count;
+   same in-memory tensors, same batch size, plain CE + Adam, no augmentation), with ``augment`` none,
+   basic and scanner and with CrossSim's default (augment auto = scanner, λ > 0 with prototypes); repeats
+   interleaved, the best of them reported (the least disturbed on a shared machine; medians in the JSON),
+   in ``--threads`` torch threads (default 1), and the CrossSim default once more in torch's default
+   thread count; the augmentation's cost as training-step times: scanner vs basic vs none;
 2. one epoch from the hospital-side cache (``load_site`` through the cache, then train) vs from tensors
    already in memory;
 3. cold vs cached site load (``benchmarks/load.py``'s ``measure``);
@@ -59,7 +60,7 @@ from benchmarks.load import measure as measure_site_load
 from client.app import app as client_app
 from crosssim.boundary import (ARRAYS_RECORD, CONFIG_RECORD, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, ROUNDS_LOG_NAME,
                                SERVER_ROUND)
-from crosssim.config import CrossSimConfig, load_config
+from crosssim.config import CrossSimConfig, load_config, resolve_augment
 from crosssim.data.sites import load_site
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
@@ -189,8 +190,8 @@ def bare_loop(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def throughput(report: Report, site: LocalSite, sizes: Sizes, threads: int, default_threads: int) -> None:
     """Variants interleaved in ``threads`` torch threads; the product default once more in torch's default."""
-    cfg_off = _cfg({"augment": False})
-    cfg_aug = _cfg()
+    cfg_off = _cfg({"augment": "none"})
+    cfg_default = _cfg()
     device = resolve_device(cfg_off.train.device)
     classes = federated_classes(cfg_off)
     seed_everything(cfg_off.seed)
@@ -198,7 +199,7 @@ def throughput(report: Report, site: LocalSite, sizes: Sizes, threads: int, defa
     x, y = site.train_x.to(device), site.train_y.to(device)
     _, embeddings = infer(copy.deepcopy(initial), site.train_x, device)
     prototypes = compute_prototypes(embeddings, site.train_y, len(classes), min_count=1)
-    lambda_sim = cfg_aug.method.lambda_sim
+    lambda_sim = cfg_default.method.lambda_sim
     batch = cfg_off.train.batch_size
     images = sizes.epochs * _images_per_epoch(len(site.train_y), batch)
 
@@ -208,16 +209,20 @@ def throughput(report: Report, site: LocalSite, sizes: Sizes, threads: int, defa
                                          prototypes=prototypes if with_prototypes else None,
                                          lambda_sim=lambda_sim if with_prototypes else 0.0)
 
+    modes = ("none", "basic", "scanner")
+    by_mode = {mode: f"train_local, augment {mode}, λ=0" for mode in modes}
+    default_name = (f"train_local default (augment {cfg_default.augment.augment} = "
+                    f"{resolve_augment(cfg_default).augment}, λ={lambda_sim:g} + prototypes)")
+    bare_name = "bare loop (CE + Adam)"
     variants: dict[str, Callable[[torch.nn.Module], None]] = {
-        "bare loop (CE + Adam)": lambda model: bare_loop(model.to(device), x, y, epochs=sizes.epochs,
-                                                         batch_size=batch, lr=cfg_off.train.lr, seed=cfg_off.seed),
-        "train_local, augment off, λ=0": product(cfg_off, False),
-        "train_local, augment on, λ=0": product(cfg_aug, False),
-        f"train_local default (augment on, λ={lambda_sim:g} + prototypes)": product(cfg_aug, True),
+        bare_name: lambda model: bare_loop(model.to(device), x, y, epochs=sizes.epochs, batch_size=batch,
+                                           lr=cfg_off.train.lr, seed=cfg_off.seed),
+        **{by_mode[mode]: product(_cfg({"augment": mode}), False) for mode in modes},
+        default_name: product(cfg_default, True),
     }
+    more_threads = f"train_local default, {default_threads} torch threads"
     if default_threads != threads:
-        variants[f"train_local default, {default_threads} torch threads"] = \
-            _in_threads(default_threads, threads, product(cfg_aug, True))
+        variants[more_threads] = _in_threads(default_threads, threads, product(cfg_default, True))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(sizes.repeats + 1):  # repeat 0 warms every code path up and is not counted
         for name, run in variants.items():
@@ -228,19 +233,29 @@ def throughput(report: Report, site: LocalSite, sizes: Sizes, threads: int, defa
                 samples[name].append(images / (time.perf_counter() - started))
         report.progress(f"throughput: repeat {repeat}/{sizes.repeats} done" + (" (warm-up)" if not repeat else ""))
     rates, medians = _best_by_variant(samples), _median_by_variant(samples)
-    bare_name, off_name, aug_name, default_name, *more_threads = variants
-    for name in (off_name, aug_name, default_name):
-        report.row("1 client training throughput", name, rates[name], bare_name, rates[bare_name], "images/s",
+    step = "1 client training throughput"
+    for name in (*by_mode.values(), default_name):
+        report.row(step, name, rates[name], bare_name, rates[bare_name], "images/s",
                    f"best of {sizes.repeats}; medians {medians[name]:.0f} vs {medians[bare_name]:.0f}")
-    report.row("1 client training throughput", default_name, rates[default_name], off_name, rates[off_name],
+    report.row(step, default_name, rates[default_name], by_mode["none"], rates[by_mode["none"]],
                "images/s", "the method's overhead (augmentation + similarity loss)")
-    for name in more_threads:
-        report.row("1 client training throughput", name, rates[name], f"the same, {threads} thread(s)",
-                   rates[default_name], "images/s", f"medians {medians[name]:.0f} vs {medians[default_name]:.0f}; "
+    if more_threads in variants:
+        report.row(step, more_threads, rates[more_threads], f"the same, {threads} thread(s)", rates[default_name],
+                   "images/s", f"medians {medians[more_threads]:.0f} vs {medians[default_name]:.0f}; "
                    "torch's default thread count on a shared machine")
+    step_ms = {mode: 1000.0 * batch / rates[name] for mode, name in by_mode.items()}
+    median_ms = {mode: 1000.0 * batch / medians[name] for mode, name in by_mode.items()}
+    cost = (f"1 augmentation cost ({cfg_off.model.backbone}, {cfg_off.data.image_size} px, batch {batch}, "
+            f"{device.type}, {threads} thread(s))")
+    for a, b in (("scanner", "basic"), ("basic", "none"), ("scanner", "none")):
+        report.row(cost, f"training step, augment {a}", step_ms[a], f"augment {b}", step_ms[b], "ms/step",
+                   f"best of {sizes.repeats}; medians {median_ms[a]:.1f} vs {median_ms[b]:.1f}"
+                   + ("; goal ≤ 1.3" if (a, b) == ("scanner", "basic") else ""))
+    report.progress("augmentation cost: step time " + ", ".join(f"{mode} {ms:.1f} ms" for mode, ms in step_ms.items())
+                    + f"; scanner/basic {step_ms['scanner'] / step_ms['basic']:.3f}")
     report.details["throughput"] = {"images_per_call": images, "train_images": len(site.train_y),
                                     "batch_size": batch, "device": str(device), "torch_threads": threads,
-                                    "samples": samples,
+                                    "samples": samples, "step_ms_best": step_ms, "step_ms_median": median_ms,
                                     "best_images_per_s": rates, "median_images_per_s": medians}
 
 

@@ -34,17 +34,32 @@ class DataConfig:
     cache_dir: str = ""  # empty: ~/.cache/crosssim
 
 
+AUGMENT_MODES = ("auto", "none", "basic", "scanner")
+# Values of keys whose type changed, as old configs and checkpoints (``to_flat``) still hold them.
+LEGACY_VALUES = {"augment": {"true": "basic", "false": "none"}}
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """MONAI augmentation applied to training batches only."""
+    """Augmentation of training batches only (crosssim/augment.py); ``scanner-*`` ranges: crosssim/scanner.py."""
 
-    augment: bool = True
+    augment: str = "auto"  # auto (see resolve_augment) | none | basic | scanner; true/false = basic/none
     rotate_deg: float = 5.0
     zoom_fraction: float = 0.05
     flip_probability: float = 0.5
-    contrast_gamma: float = 0.2  # gamma in [1-g, 1+g]
-    intensity_shift: float = 0.05
-    noise_std: float = 0.01
+    contrast_gamma: float = 0.2  # basic: gamma in [1-g, 1+g]
+    intensity_shift: float = 0.05  # basic
+    noise_std: float = 0.01  # basic
+    scanner_strength: float = 1.0  # multiplies every scanner-* range below; 0: geometry only
+    scanner_probability: float = 0.5  # chance that each scanner op acts on a sample
+    scanner_log_gamma: float = 0.4  # gamma = e^u, u uniform in [-g, g]
+    scanner_bias_coefficient: float = 0.1  # each Legendre coefficient of the log bias field in [-c, c]
+    scanner_blur_sigma_px: float = 1.0  # blur sigma in [0, s] pixels at image-size
+    scanner_sharpen_alpha: float = 1.0  # unsharp-mask weight in [0, a]
+    scanner_noise_std: float = 0.03  # Gaussian / Rician sigma in [0, s] x the image's intensity range
+    scanner_low_resolution: float = 0.5  # detector down to a fraction in [1-r, 1] of image-size, then back
+    scanner_remap: float = 1.0  # fraction of RandHistogramShift's control-point shift (capped at 1)
+    scanner_gin_alpha: float = 1.0  # GIN mixing weight in [0, a] (capped at 1)
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if isinstance(default, str) and key in LEGACY_VALUES:
+            return LEGACY_VALUES[key].get(str(value).lower(), str(value))
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -209,6 +226,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 def validate(cfg: CrossSimConfig) -> None:
     choices = {
         "normalize": (cfg.data.normalize, ("minmax", "zscore")),
+        "augment": (cfg.augment.augment, AUGMENT_MODES),
         "frame": (cfg.data.frame, ("middle", "first", "last", "max", "mean")),
         "backbone": (cfg.model.backbone, ("seed-cnn", "resnet18", "densenet121")),
         "schedule": (cfg.train.schedule, ("cosine", "plateau", "constant")),
@@ -233,6 +251,26 @@ def validate(cfg: CrossSimConfig) -> None:
         raise ConfigError("config keys 'style-layers', 'style-alpha', 'consistency-weight': must be non-negative")
     if cfg.method.min_count < 1:
         raise ConfigError("config key 'min-count': must be at least 1")
+    _validate_augment(cfg.augment)
+
+
+def _validate_augment(augment: AugmentConfig) -> None:
+    for f in fields(augment):
+        if f.name.startswith("scanner_") and getattr(augment, f.name) < 0:
+            raise ConfigError(f"config key '{_kebab(f.name)}': must be at least 0")
+    for name in ("flip_probability", "scanner_probability"):
+        if not 0 <= getattr(augment, name) <= 1:
+            raise ConfigError(f"config key '{_kebab(name)}': must be in [0, 1]")
+    if augment.scanner_low_resolution >= 1:
+        raise ConfigError("config key 'scanner-low-resolution': must be in [0, 1)")
+
+
+def resolve_augment(cfg: CrossSimConfig) -> AugmentConfig:
+    """The one place ``augment = "auto"`` is decided: scanner views for strategy crosssim, basic for baselines."""
+    if cfg.augment.augment != "auto":
+        return cfg.augment
+    mode = "scanner" if cfg.method.strategy == "crosssim" else "basic"
+    return dataclasses.replace(cfg.augment, augment=mode)
 
 
 def to_nested(cfg: CrossSimConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from crosssim.augment import augment_batch
-from crosssim.config import CrossSimConfig, TrainConfig
+from crosssim.config import CrossSimConfig, TrainConfig, resolve_augment
 from crosssim.losses import consistency_loss, pair_loss, proximal_term, similarity_loss
 from crosssim.method import uses_pair_loss, uses_style_bank
 from crosssim.model import INFERENCE_BATCH_SIZE
@@ -87,7 +87,7 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loader = make_loader(images, labels, cfg.train.batch_size, seed, device)
-    augment_generator = torch.Generator().manual_seed(seed + 1)
+    augment, augment_generator = resolve_augment(cfg), torch.Generator().manual_seed(seed + 1)
     anchors = None if global_params is None else {k: v.to(device) for k, v in global_params.items()}
     two_views = uses_pair_loss(cfg)
     mixer = StyleMixer(styles, cfg.method.style_mix_probability, cfg.method.style_alpha, seed + 2) \
@@ -101,11 +101,11 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         epoch_loss = 0.0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if two_views:
-                x, y = torch.cat([augment_batch(x, cfg.augment, augment_generator),
-                                  augment_batch(x, cfg.augment, augment_generator)]), torch.cat([y, y])
-            elif cfg.augment.augment:
-                x = augment_batch(x, cfg.augment, augment_generator)
+            if two_views:  # two random scanners render each image
+                x, y = torch.cat([augment_batch(x, augment, augment_generator),
+                                  augment_batch(x, augment, augment_generator)]), torch.cat([y, y])
+            else:
+                x = augment_batch(x, augment, augment_generator)
             with mixing_styles(model, mixer, cfg.method.style_layers), \
                     torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits, z = model(x)
