@@ -102,8 +102,8 @@ METHOD_LABELS = {"local-only": "local-only (mean over sources)", "pooled": "pool
                  "crosssim-target": "crosssim + target style in the loop",
                  "crosssim-contrastive": "crosssim, contrastive form",
                  "oracle": "target oracle (held-out half)"}
-ADAPTS = ("none", "adabn", "tent")
-ADAPT_LABELS = {"none": "plain", "adabn": "AdaBN", "tent": "TENT"}
+ADAPTS = ("none", "adabn", "tent", "crosssim", "auto")
+ADAPT_LABELS = {"none": "plain", "adabn": "AdaBN", "tent": "TENT", "crosssim": "CrossSim-adapt", "auto": "auto"}
 FIGURES = ("accuracy", "balanced_accuracy", "atc_abs_error")
 FIGURE_LABELS = {"accuracy": "target accuracy", "balanced_accuracy": "balanced accuracy",
                  "atc_abs_error": "ATC abs. error"}
@@ -292,10 +292,15 @@ def figures_from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     labeled, free = metrics["labeled"], metrics["label_free"]
     acc = _float_or_none(labeled["accuracy"])
     estimate = _float_or_none(free.get("atc_estimated_accuracy"))
-    return {"n_images": free["n_images"], "accuracy": acc,
-            "balanced_accuracy": _float_or_none(labeled["balanced_accuracy"]),
-            "atc_estimated_accuracy": estimate,
-            "atc_abs_error": None if estimate is None or acc is None else abs(estimate - acc)}
+    row = {"n_images": free["n_images"], "accuracy": acc,
+           "balanced_accuracy": _float_or_none(labeled["balanced_accuracy"]),
+           "atc_estimated_accuracy": estimate,
+           "atc_abs_error": None if estimate is None or acc is None else abs(estimate - acc),
+           "adaptation_used": metrics.get("adaptation", {}).get("method")}
+    for name in ("doc", "adabn_atc", "agreement"):
+        error = _float_or_none(labeled.get(f"{name}_estimate_error"))
+        row[f"{name}_abs_error"] = None if error is None else abs(error)
+    return row
 
 
 def mean_of(values: Iterable[float | None]) -> float | None:
@@ -435,7 +440,7 @@ def evaluate_all(run: MethodRun, checkpoint: Path, sites: SuiteSites, out: Path,
                 "--labels", str(sites.target_labels), "--out", str(eval_dir), "--cache", str(cache),
                 "--adapt", adapt]
         if adapt == "tent":
-            argv += ["--tent-steps", str(protocol.tent_steps)]
+            argv += ["--set", f"tent-steps={protocol.tent_steps}"]
         run(argv)
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         row = figures_from_metrics(metrics)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from crosssim.adapt_options import ADAPT_METHODS, TENT_LR, TENT_STEPS
-from crosssim.cli import config_from_args
+from crosssim.adapt_options import ADAPT_METHODS
+from crosssim.cli import config_from_args, parse_set
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -30,8 +30,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from crosssim.evaluate import evaluate_site
 
     evaluate_site(args.checkpoint, args.data, args.out, labels_csv=args.labels, cache_dir=args.cache,
-                  device_name=args.device, adapt=args.adapt, tent_steps=args.tent_steps, tent_lr=args.tent_lr,
-                  save_adapted=args.save_adapted)
+                  device_name=args.device, adapt=args.adapt, adapt_overrides=parse_set(args.set),
+                  shots_csv=args.shots, save_adapted=args.save_adapted)
     return 0
 
 
@@ -80,15 +80,22 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     evaluate.add_argument("--cache", metavar="DIR", help="hospital-side tensor cache")
     evaluate.add_argument("--device", help="auto | cpu | cuda (default: the checkpoint config's device)")
     evaluate.add_argument("--adapt", choices=ADAPT_METHODS, default="none",
-                          help="test-time adaptation of a copy of the model on the site's images: none; adabn "
-                               "(re-estimate BatchNorm statistics); tent (entropy minimization on BatchNorm "
-                               "affine parameters, then adabn). Default: none")
-    evaluate.add_argument("--tent-steps", type=int, default=TENT_STEPS, metavar="N",
-                          help=f"TENT gradient steps, one target mini-batch each (default: {TENT_STEPS})")
-    evaluate.add_argument("--tent-lr", type=float, default=TENT_LR, metavar="LR",
-                          help=f"TENT Adam learning rate (default: {TENT_LR})")
+                          help="label-free adaptation of a copy of the model to the site's images: none; adabn "
+                               "(re-estimate BatchNorm statistics); tent (entropy minimization on BatchNorm affine "
+                               "parameters, then adabn); crosssim (adabn, then SHOT-style training of the feature "
+                               "layers toward the sources' class prevalence and the global prototypes, head "
+                               "frozen); auto (crosssim, else tent, else adabn, whichever first passes the "
+                               "degeneracy checks of crosssim/adapt_choice.py; none below 32 images). metrics.json "
+                               "and the report say which was used and why. Default: none")
+    evaluate.add_argument("--shots", metavar="CSV",
+                          help="few-shot adaptation: 'path,label' rows of 1-20 labeled target images per class; "
+                               "the few-shot model is the one written, the label-free --adapt result is reported "
+                               "beside it, and shot images are never scored")
+    evaluate.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                          help="override an [adapt] key of the checkpoint's config, e.g. --set shot-epochs=5 "
+                               "--set tent-steps=20 (repeatable; see configs/default.toml)")
     evaluate.add_argument("--save-adapted", metavar="FILE",
-                          help="write the adapted model as a checkpoint (needs --adapt adabn|tent; never the input)")
+                          help="write the deployed (adapted or few-shot) model as a checkpoint; never the input")
     evaluate.set_defaults(handler=_evaluate)
 
     check = subparsers.add_parser(

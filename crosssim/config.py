@@ -111,6 +111,20 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    """Test-time adaptation at the target (crosssim/adapt.py); read from the checkpoint, ``evaluate --set`` overrides."""
+
+    tent_steps: int = 10  # TENT gradient steps, one target mini-batch each
+    tent_lr: float = 1e-3  # TENT Adam learning rate on BatchNorm affine parameters
+    shot_epochs: int = 3  # crosssim adaptation: passes over the target's images
+    shot_lr: float = 1e-4  # crosssim adaptation: Adam learning rate of the feature layers
+    shot_diversity_weight: float = 1.0  # weight of KL(mean prediction || sources' class prevalence)
+    shot_pseudo_weight: float = 0.3  # weight of cross-entropy to nearest-centroid pseudo-labels (SHOT's 0.3)
+    few_shot_steps: int = 50  # few-shot: gradient steps on BatchNorm affine parameters and the head
+    few_shot_lr: float = 1e-3  # few-shot: Adam learning rate
+
+
+@dataclass(frozen=True)
 class CrossSimConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,9 +133,10 @@ class CrossSimConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
-SECTIONS = ("data", "augment", "model", "train", "method", "federation")
+SECTIONS = ("data", "augment", "model", "train", "method", "federation", "adapt")
 
 
 class ConfigError(ValueError):
@@ -249,6 +264,8 @@ def validate(cfg: CrossSimConfig) -> None:
         raise ConfigError("config key 'style-mix-probability': must be in [0, 1]")
     if cfg.method.style_layers < 0 or cfg.method.style_alpha < 0 or cfg.method.consistency_weight < 0:
         raise ConfigError("config keys 'style-layers', 'style-alpha', 'consistency-weight': must be non-negative")
+    if min(cfg.adapt.tent_steps, cfg.adapt.shot_epochs, cfg.adapt.few_shot_steps) < 0:
+        raise ConfigError("config keys 'tent-steps', 'shot-epochs', 'few-shot-steps': must be at least 0")
     if cfg.method.min_count < 1:
         raise ConfigError("config key 'min-count': must be at least 1")
     _validate_augment(cfg.augment)

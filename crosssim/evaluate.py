@@ -6,20 +6,25 @@ file is only read: adaptation works on a copy, saved elsewhere on request.
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from crosssim.adapt import adapt_copy
-from crosssim.adapt_options import TENT_LR, TENT_STEPS
+from crosssim.adapt import adapt_copy, few_shot_adapt
+from crosssim.adapt_choice import choose_adaptation
 from crosssim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from crosssim.config import FIELD_INDEX, AdaptConfig, ConfigError, apply_overrides
+from crosssim.data.shots import load_shots
 from crosssim.data.sites import SiteData, load_labels_for, load_site
 from crosssim.fileio import atomic_write_text
 from crosssim.metrics import (ATC_INTERVAL_LEVEL, accuracy, atc_estimate, atc_interval, atc_threshold,
@@ -30,6 +35,10 @@ from crosssim.shift import forward_with_figures, shift_alarms
 from crosssim.train import infer, resolve_device, seed_everything
 
 Progress = Callable[[str], None] | None
+# Label-free accuracy estimates metrics.json may hold, as ``<name>_estimated_accuracy``: ATC and DoC of the
+# deployed model against the sources' reference; for an adapted model also ATC of the AdaBN model and the
+# top-1 agreement between the deployed and the AdaBN model (GDE, Jiang et al., ICLR 2022).
+LABEL_FREE_ESTIMATORS = ("atc", "doc", "adabn_atc", "agreement")
 
 
 def label_free_metrics(probs: np.ndarray, ckpt: Checkpoint, target_figures: dict[str, float]) -> dict[str, Any]:
@@ -85,7 +94,7 @@ def labeled_metrics(probs: np.ndarray, y_true: np.ndarray, classes: list[str]) -
 def estimate_errors(label_free: dict[str, Any], labeled: dict[str, Any]) -> dict[str, float]:
     """Signed error (estimate − true accuracy) of each label-free accuracy estimate."""
     return {f"{name}_estimate_error": float(label_free[f"{name}_estimated_accuracy"] - labeled["accuracy"])
-            for name in ("atc", "doc") if f"{name}_estimated_accuracy" in label_free}
+            for name in LABEL_FREE_ESTIMATORS if f"{name}_estimated_accuracy" in label_free}
 
 
 def _per_class(values: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -121,50 +130,126 @@ def save_adapted_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, path: str 
     return save_checkpoint(adapted, path)
 
 
+def adapt_settings(ckpt: Checkpoint, overrides: Mapping[str, Any] | None) -> AdaptConfig:
+    """The checkpoint's ``[adapt]`` settings with ``evaluate --set`` overrides (adapt keys only)."""
+    overrides = dict(overrides or {})
+    foreign = sorted(k for k in overrides if FIELD_INDEX.get(k.replace("_", "-"), ("",))[0] != "adapt")
+    if foreign:
+        raise ConfigError(f"evaluate --set takes [adapt] keys only (got {', '.join(foreign)}); the model's "
+                          "other settings are fixed by its checkpoint")
+    return apply_overrides(ckpt.config, overrides).adapt
+
+
+@dataclass
+class Deployed:
+    """The model whose predictions are written, how it came about, and the AdaBN reference predictions."""
+
+    model: torch.nn.Module
+    record: dict[str, Any]
+    reference_probs: torch.Tensor | None = None
+
+
+def adapt_for_site(ckpt: Checkpoint, model: torch.nn.Module, images: torch.Tensor, adapt: str,
+                   settings: AdaptConfig, device: torch.device) -> Deployed:
+    """Adapt a copy of ``model`` with ``adapt`` (``auto`` by ``crosssim.adapt_choice``); the source stays intact."""
+    kwargs: dict[str, Any] = {"settings": settings, "prototypes": ckpt.prototypes, "seed": ckpt.config.seed,
+                              "prevalence": None if ckpt.source is None else torch.as_tensor(ckpt.source.prevalence)}
+    record: dict[str, Any] = {"method": adapt}
+    if adapt in ("tent", "crosssim", "auto"):
+        record["settings"] = {k.replace("_", "-"): v for k, v in dataclasses.asdict(settings).items()}
+    if adapt == "auto":
+        choice = choose_adaptation(model, images, device, **kwargs)
+        record.update({"method": choice.method, "requested": "auto", "auto": choice.record()})
+        return Deployed(choice.model, record, choice.reference_probs)
+    adapted = adapt_copy(model, images, adapt, device, **kwargs)
+    reference = None
+    if adapt in ("tent", "crosssim"):
+        reference = infer(adapt_copy(model, images, "adabn", device), images, device)[0]
+    return Deployed(adapted, record, reference)
+
+
+def reference_estimates(probs: np.ndarray, reference_probs: np.ndarray, ckpt: Checkpoint) -> dict[str, float]:
+    """Label-free figures of an adapted model against the AdaBN model: agreement and the AdaBN model's ATC."""
+    block = {"agreement_estimated_accuracy": float((probs.argmax(1) == reference_probs.argmax(1)).mean())}
+    if ckpt.source is not None:
+        threshold = atc_threshold(ckpt.source.confidence_histogram, ckpt.source.accuracy)
+        block["adabn_atc_estimated_accuracy"] = atc_estimate(reference_probs.max(1), threshold)
+    return block
+
+
 def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: str | Path, *,
                   labels_csv: str | Path | None = None, cache_dir: str | Path | None = None,
-                  device_name: str | None = None, adapt: str = "none", tent_steps: int = TENT_STEPS,
-                  tent_lr: float = TENT_LR, save_adapted: str | Path | None = None,
-                  progress: Progress = print) -> dict[str, Any]:
-    """Predict every image of ``data_dir`` (after optional adaptation); write predictions, metrics, report."""
-    if save_adapted is not None and adapt == "none":
-        raise ValueError("--save-adapted needs --adapt adabn or tent")
+                  device_name: str | None = None, adapt: str = "none",
+                  adapt_overrides: Mapping[str, Any] | None = None, shots_csv: str | Path | None = None,
+                  save_adapted: str | Path | None = None, progress: Progress = print) -> dict[str, Any]:
+    """Predict every image of ``data_dir`` (after optional adaptation); write predictions, metrics, report.
+
+    With ``shots_csv`` the few-shot model is the one deployed (predictions.csv); the label-free ``adapt``
+    result is reported beside it, and shot images are never scored.
+    """
+    if save_adapted is not None and adapt == "none" and shots_csv is None:
+        raise ValueError("--save-adapted needs --adapt (adabn, tent, crosssim or auto) or --shots")
     if save_adapted is not None and Path(save_adapted).resolve() == Path(checkpoint_path).resolve():
         raise ValueError(f"{save_adapted}: --save-adapted must not overwrite the source checkpoint")
     ckpt = load_checkpoint(checkpoint_path)
+    settings = adapt_settings(ckpt, adapt_overrides)
     device = resolve_device(device_name or ckpt.config.train.device)
     site = load_site(data_dir, ckpt.config.data, labeled=False, classes=ckpt.classes, cache_dir=cache_dir)
     if progress:
         progress(site.report.summary())
         for line in site.report.skipped_lines():
             progress(line)
-    y_true = None if labels_csv is None else load_labels_for(site, labels_csv).numpy()
+    y_true_all = None if labels_csv is None else load_labels_for(site, labels_csv).numpy()
+    shots = None if shots_csv is None else load_shots(site, shots_csv)
+    scored = np.ones(len(site), dtype=bool)
+    if shots is not None:
+        scored[shots.index.numpy()] = False
     seed_everything(ckpt.config.seed)
     source_model = ckpt.build_model()
-    probs_t, embeddings_t, target_figures = forward_with_figures(source_model, site.images, ckpt.prototypes, device)
-    adaptation: dict[str, Any] = {"method": adapt, "site": site.name, "source_checkpoint": str(checkpoint_path)}
-    if adapt == "tent":
-        adaptation.update({"tent_steps": tent_steps, "tent_lr": tent_lr})
-    model = adapt_copy(source_model, site.images, adapt, device, tent_steps=tent_steps, tent_lr=tent_lr,
-                       seed=ckpt.config.seed)
+    _, _, target_figures = forward_with_figures(source_model, site.images, ckpt.prototypes, device)
+    if progress and adapt != "none":
+        progress(f"adapting a copy of the model to {len(site)} images ({adapt}) ...")
+    deployed = adapt_for_site(ckpt, source_model, site.images, adapt, settings, device)
+    adaptation = {**deployed.record, "site": site.name, "source_checkpoint": str(checkpoint_path)}
+    label_free_probs = infer(deployed.model, site.images, device)[0].numpy()
+    few_shot: dict[str, Any] | None = None
+    if shots is not None:
+        if progress:
+            progress(f"few-shot adaptation on {len(shots.index)} labeled shots {shots.per_class} ...")
+        few_model = few_shot_adapt(copy.deepcopy(source_model), site.images, shots.index, shots.labels, device,
+                                   prototypes=ckpt.prototypes, settings=settings, seed=ckpt.config.seed)
+        deployed = Deployed(few_model, deployed.record, deployed.reference_probs)
+        few_shot = {"shots_csv": str(shots_csv), "shots_per_class": shots.per_class,
+                    "n_shots": int(len(shots.index)), "n_scored": int(scored.sum()),
+                    "label_free_method": adaptation["method"]}
+        adaptation["few_shot"] = {k: few_shot[k] for k in ("shots_csv", "shots_per_class")}
     if save_adapted is not None:
-        adaptation["saved_to"] = str(save_adapted_checkpoint(ckpt, model, save_adapted, dict(adaptation)))
-    if adapt != "none":
-        probs_t, embeddings_t = infer(model, site.images, device)
+        adaptation["saved_to"] = str(save_adapted_checkpoint(ckpt, deployed.model, save_adapted, dict(adaptation)))
+    probs_t, embeddings_t = infer(deployed.model, site.images, device)
     probs = probs_t.numpy()
+    label_free = label_free_metrics(probs[scored], ckpt, target_figures)
+    if deployed.reference_probs is not None:
+        label_free.update(reference_estimates(probs[scored], deployed.reference_probs.numpy()[scored], ckpt))
     metrics: dict[str, Any] = {"checkpoint": str(checkpoint_path), "site": site.name, "adaptation": adaptation,
-                               "label_free": label_free_metrics(probs, ckpt, target_figures),
-                               "data_report": site.report.to_dict()}
+                               "label_free": label_free, "data_report": site.report.to_dict()}
+    y_true = None if y_true_all is None else y_true_all[scored]
     if y_true is not None:
-        labeled = labeled_metrics(probs, y_true, ckpt.classes)
+        labeled = labeled_metrics(probs[scored], y_true, ckpt.classes)
         labeled.update(estimate_errors(metrics["label_free"], labeled))
         metrics["labeled"] = labeled
+    if few_shot is not None:
+        if y_true is not None:
+            few_shot["label_free_accuracy"] = accuracy(y_true, label_free_probs[scored].argmax(1))
+            few_shot["few_shot_accuracy"] = metrics["labeled"]["accuracy"]
+        metrics["few_shot"] = few_shot
     metrics = json_safe(metrics)
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "predictions.csv", predictions_csv(site, probs, ckpt.classes))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-    write_report(out_dir / "report.html", ReportData(metrics, ckpt.classes, site.paths, site.images, probs,
-                                                     embeddings_t.numpy(), ckpt.prototypes, ckpt.source, y_true))
+    write_report(out_dir / "report.html", ReportData(metrics, ckpt.classes, list(np.array(site.paths)[scored]),
+                                                     site.images[torch.from_numpy(scored)], probs[scored],
+                                                     embeddings_t.numpy()[scored], ckpt.prototypes, ckpt.source,
+                                                     y_true))
     if progress:
         progress(summary_line(metrics))
         progress(f"wrote predictions.csv, metrics.json and report.html to {out_dir}")

@@ -79,7 +79,7 @@ def _section(section_id: str, title: str, body: str) -> str:
 def _summary(data: ReportData) -> str:
     m, free = data.metrics, data.metrics["label_free"]
     rows = [("site", html.escape(m["site"])), ("images", str(free["n_images"])),
-            ("checkpoint", html.escape(m["checkpoint"])), ("adaptation", html.escape(m["adaptation"]["method"]))]
+            ("checkpoint", html.escape(m["checkpoint"])), ("adaptation", _adaptation(m["adaptation"]))]
     if free.get("atc_estimated_accuracy") is not None:
         low, high = free["atc_interval"]
         rows.append(("estimated accuracy (ATC)",
@@ -87,6 +87,9 @@ def _summary(data: ReportData) -> str:
                      f'({free["atc_interval_level"]:.0%} bootstrap interval {_fmt(low)}–{_fmt(high)}; '
                      "sampling error only)"))
         rows.append(("estimated accuracy (DoC)", _fmt(free["doc_estimated_accuracy"])))
+        if "agreement_estimated_accuracy" in free:
+            rows.append(("agreement with the AdaBN model / its ATC estimate",
+                         f'{_fmt(free["agreement_estimated_accuracy"])} / {_fmt(free.get("adabn_atc_estimated_accuracy"))}'))
         rows.append(("source validation accuracy", _fmt(free["source_val_accuracy"])))
     else:
         rows.append(("estimated accuracy", "n/a: the checkpoint carries no source statistics"))
@@ -108,6 +111,31 @@ def _summary(data: ReportData) -> str:
                  "changes confidences, so treat the estimates after adaptation with extra caution.")
     note += "</p>"
     return _section("summary", "Summary", f"<table>{table}</table>{note}")
+
+
+def _adaptation(adaptation: dict[str, Any]) -> str:
+    """The adaptation used; for ``auto`` also why it was chosen."""
+    text = html.escape(adaptation["method"])
+    if "auto" in adaptation:
+        text += f" (chosen by auto: {html.escape(adaptation['auto']['reason'])})"
+    if "few_shot" in adaptation:
+        text += f"; deployed: few-shot on {html.escape(str(adaptation['few_shot']['shots_per_class']))} shots"
+    return text
+
+
+def _few_shot(data: ReportData) -> str:
+    few = data.metrics["few_shot"]
+    rows = [("shots per class", html.escape(str(few["shots_per_class"]))),
+            ("images scored (shots excluded)", str(few["n_scored"]))]
+    if "few_shot_accuracy" in few:
+        rows += [(f"accuracy, label-free ({html.escape(few['label_free_method'])})", _fmt(few["label_free_accuracy"])),
+                 ("accuracy, few-shot (deployed)", f'<span class="big">{_fmt(few["few_shot_accuracy"])}</span>')]
+    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    note = ('<p class="note">The few-shot model: AdaBN on every target image, then BatchNorm affine parameters '
+            'and the classifier head trained on the labeled shots plus the other images pseudo-labeled by '
+            'centroids that combine the shots with the global prototypes. Every figure on this page excludes '
+            'the shot images.</p>')
+    return _section("few-shot", "Few-shot adaptation", f"<table>{table}</table>{note}")
 
 
 def _alarms(data: ReportData) -> str:
@@ -270,7 +298,7 @@ def _data(data: ReportData) -> str:
 
 def render_report(data: ReportData) -> str:
     """The whole page as one HTML string."""
-    sections = [_summary(data), _alarms(data)]
+    sections = [_summary(data)] + ([_few_shot(data)] if "few_shot" in data.metrics else []) + [_alarms(data)]
     if data.y_true is not None:
         sections += [_confusion(data), _per_class(data), _reliability(data)]
     sections += [_prevalence(data), _confidence(data), _embedding(data), _examples(data), _data(data)]

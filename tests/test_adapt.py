@@ -1,12 +1,17 @@
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
-from crosssim.adapt import adapt_copy
+from crosssim import adapt_choice
+from crosssim.adapt import adapt_copy, class_prior, nearest_centroid_labels
+from crosssim.adapt_choice import degeneracy_checks
 from crosssim.checkpoint import load_checkpoint
-from crosssim.data.sites import load_site
-from crosssim.evaluate import evaluate_site
+from crosssim.config import AdaptConfig, ConfigError
+from crosssim.data.sites import SiteError, load_site, read_labels_csv, write_labels_csv
+from crosssim.evaluate import evaluate_site, reference_estimates
+from crosssim.metrics import atc_threshold
 from crosssim.model import batchnorm_modules, batchnorm_state_keys
 from crosssim.shift import shift_figures
 
@@ -52,27 +57,140 @@ def test_tent_changes_only_batchnorm_affine_parameters_and_is_seeded(source_and_
     ckpt, images = source_and_target
     model = ckpt.build_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adapted = adapt_copy(model, images, "tent", CPU, tent_steps=3, seed=ckpt.config.seed)
+    adapted = adapt_copy(model, images, "tent", CPU, settings=AdaptConfig(tent_steps=3), seed=ckpt.config.seed)
     changed_params = {name for name, p in adapted.named_parameters() if not torch.equal(p, before[name])}
     assert changed_params and changed_params <= _bn_affine_keys(model)
     assert _changed(before, adapted.state_dict()) <= batchnorm_state_keys(model)
     assert all(p.requires_grad for p in adapted.parameters())
-    again = adapt_copy(model, images, "tent", CPU, tent_steps=3, seed=ckpt.config.seed)
+    again = adapt_copy(model, images, "tent", CPU, settings=AdaptConfig(tent_steps=3), seed=ckpt.config.seed)
     assert _changed(adapted.state_dict(), again.state_dict()) == set()
 
 
-@pytest.mark.parametrize("method", ["adabn", "tent"])
+@pytest.mark.parametrize("method", ["adabn", "tent", "crosssim", "auto"])
 def test_evaluate_never_modifies_the_source_checkpoint(eval_tiny_run, tmp_path, method):
     digest = _sha256(eval_tiny_run.checkpoint)
     saved = tmp_path / "adapted.pt"
     metrics = evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "out", adapt=method,
-                            tent_steps=2, save_adapted=saved, cache_dir=eval_tiny_run.cache_dir, progress=None)
+                            adapt_overrides={"tent-steps": 2}, save_adapted=saved, cache_dir=eval_tiny_run.cache_dir, progress=None)
     assert _sha256(eval_tiny_run.checkpoint) == digest
     adapted = load_checkpoint(saved)
-    assert adapted.extra["adapted"]["method"] == method == metrics["adaptation"]["method"]
+    used = metrics["adaptation"]["method"]
+    assert adapted.extra["adapted"]["method"] == used
+    assert used == method or (method == "auto" and metrics["adaptation"]["auto"]["chosen"] == used)
     source = load_checkpoint(eval_tiny_run.checkpoint)
-    assert _changed(source.state_dict, adapted.state_dict) <= batchnorm_state_keys(source.build_model())
+    allowed = batchnorm_state_keys(source.build_model())  # adabn, tent
+    if used == "crosssim":
+        allowed = {k for k in source.state_dict if k.startswith("backbone.")}
+    assert _changed(source.state_dict, adapted.state_dict) <= allowed
     with pytest.raises(ValueError, match="overwrite"):
         evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "again", adapt=method,
                       save_adapted=eval_tiny_run.checkpoint, cache_dir=eval_tiny_run.cache_dir, progress=None)
     assert _sha256(eval_tiny_run.checkpoint) == digest
+
+
+def _classifier_and_projection_keys(model: torch.nn.Module) -> set[str]:
+    return {k for k in model.state_dict() if k.startswith(("classifier.", "projection."))}
+
+
+def test_crosssim_adaptation_trains_only_the_backbone_and_is_seeded(source_and_target):
+    ckpt, images = source_and_target
+    model = ckpt.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = {"settings": AdaptConfig(shot_epochs=2), "prototypes": ckpt.prototypes,
+              "prevalence": torch.as_tensor(ckpt.source.prevalence), "seed": ckpt.config.seed}
+    adapted = adapt_copy(model, images, "crosssim", CPU, **kwargs)
+    assert _changed(before, model.state_dict()) == set()
+    changed = _changed(before, adapted.state_dict())
+    backbone_weights = {k for k in before if k.startswith("backbone.") and k.endswith("weight")
+                        and k not in batchnorm_state_keys(model)}
+    assert backbone_weights & changed  # the feature layers moved
+    assert not changed & _classifier_and_projection_keys(model)  # the head and the projection are frozen
+    assert all(p.requires_grad for p in adapted.parameters())
+    again = adapt_copy(model, images, "crosssim", CPU, **kwargs)
+    assert _changed(adapted.state_dict(), again.state_dict()) == set()
+
+
+def test_nearest_centroid_labels_follow_the_target_clusters():
+    embeddings = torch.tensor([[1.0, 0.1], [0.9, 0.0], [0.1, 1.0], [0.0, 0.8], [-1.0, 0.0]])
+    prototypes = torch.tensor([[1.0, 1.0], [0.0, 1.0], [-1.0, -1.0]])  # class 0 starts between the clusters
+    labels, centroids = nearest_centroid_labels(embeddings, prototypes, torch.tensor([True, True, False]))
+    assert labels.tolist() == [0, 0, 1, 1, 1]  # class 2 is absent: never assigned, not even the image near it
+    assert centroids[0, 0] > 0.99  # re-estimated on the images: moved from the diagonal onto its cluster
+    assert centroids[2].tolist() == pytest.approx((torch.tensor([-1.0, -1.0]) / 2**0.5).tolist())
+
+
+def test_class_prior_is_floored_and_normalized():
+    prior = class_prior(torch.tensor([0.9, 0.1, 0.0]), 3)
+    assert prior.sum().item() == pytest.approx(1.0) and prior[2] > 0
+    assert class_prior(None, 4).tolist() == [0.25] * 4
+
+
+def test_degeneracy_checks_on_hand_made_predictions():
+    reference = torch.eye(2)[[0, 1, 0, 1]].numpy()
+    collapsed = torch.eye(2)[[0, 0, 0, 0]].numpy()
+    checks = degeneracy_checks(collapsed, reference)
+    assert checks["agreement_with_adabn"] == 0.5 and checks["effective_class_ratio"] == pytest.approx(0.5)
+    assert checks["degenerate"] and not degeneracy_checks(reference, reference)["degenerate"]
+
+
+def test_auto_falls_back_to_adabn_when_every_candidate_collapses(source_and_target, monkeypatch):
+    ckpt, images = source_and_target
+    real_adapt_copy = adapt_choice.adapt_copy
+
+    def collapsing(model, images, method, device, **kwargs):
+        adapted = real_adapt_copy(model, images, method, device, **kwargs)
+        if method in adapt_choice.AUTO_CANDIDATES:  # every image to class 0: a collapsed adaptation
+            with torch.no_grad():
+                adapted.classifier.weight.zero_()
+                adapted.classifier.bias.copy_(torch.arange(len(ckpt.classes), 0, -1).float())
+        return adapted
+
+    monkeypatch.setattr(adapt_choice, "adapt_copy", collapsing)
+    choice = adapt_choice.choose_adaptation(ckpt.build_model(), images, CPU, settings=AdaptConfig(shot_epochs=1),
+                                            prototypes=ckpt.prototypes, prevalence=None, seed=0)
+    assert choice.method == "adabn" and choice.reason.startswith("fallback")
+    assert set(choice.checks) == set(adapt_choice.AUTO_CANDIDATES)
+    assert all(c["degenerate"] for c in choice.checks.values())
+    few = adapt_choice.choose_adaptation(ckpt.build_model(), images[:adapt_choice.AUTO_MIN_IMAGES - 1], CPU,
+                                         settings=AdaptConfig(), prototypes=ckpt.prototypes, prevalence=None)
+    assert few.method == "none"
+
+
+def test_reference_estimates_reproduce_hand_computed_agreement_and_atc(source_and_target):
+    ckpt, _ = source_and_target
+    probs = np.array([[0.9, 0.1, 0, 0], [0.2, 0.8, 0, 0], [0.6, 0.4, 0, 0], [0.3, 0.7, 0, 0]])
+    reference = np.array([[0.7, 0.3, 0, 0], [0.6, 0.4, 0, 0], [0.55, 0.45, 0, 0], [0.1, 0.9, 0, 0]])
+    block = reference_estimates(probs, reference, ckpt)
+    assert block["agreement_estimated_accuracy"] == 0.75  # images 0, 2, 3 agree
+    threshold = atc_threshold(ckpt.source.confidence_histogram, ckpt.source.accuracy)
+    assert block["adabn_atc_estimated_accuracy"] == pytest.approx(float((reference.max(1) > threshold).mean()))
+
+
+def test_shots_adapt_the_deployed_model_and_are_never_scored(eval_tiny_run, tmp_path):
+    digest = _sha256(eval_tiny_run.checkpoint)
+    truth = read_labels_csv(eval_tiny_run.target_labels)
+    first_per_class: dict[str, str] = {}
+    for path, label in sorted(truth.items()):
+        first_per_class.setdefault(label, path)
+    shots_csv = write_labels_csv(tmp_path / "shots.csv", [(p, label) for label, p in first_per_class.items()])
+    metrics = evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "out", adapt="adabn",
+                            labels_csv=eval_tiny_run.target_labels, shots_csv=shots_csv,
+                            cache_dir=eval_tiny_run.cache_dir, progress=None)
+    assert _sha256(eval_tiny_run.checkpoint) == digest
+    n_shots = len(first_per_class)
+    assert metrics["label_free"]["n_images"] == len(truth) - n_shots
+    assert metrics["few_shot"]["n_shots"] == n_shots and metrics["few_shot"]["n_scored"] == len(truth) - n_shots
+    supports = sum(c["support"] for c in metrics["labeled"]["per_class"].values())
+    assert supports == len(truth) - n_shots
+    assert metrics["few_shot"]["few_shot_accuracy"] == metrics["labeled"]["accuracy"]
+    assert "few-shot" in (tmp_path / "out" / "report.html").read_text()
+    bad = write_labels_csv(tmp_path / "bad.csv", [("no/such.dcm", next(iter(first_per_class)))])
+    with pytest.raises(SiteError, match="bad.csv.*not readable images"):
+        evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "bad", shots_csv=bad,
+                      cache_dir=eval_tiny_run.cache_dir, progress=None)
+
+
+def test_evaluate_set_takes_adapt_keys_only(eval_tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="\\[adapt\\] keys only.*lr"):
+        evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path, adapt="tent",
+                      adapt_overrides={"lr": 1.0}, cache_dir=eval_tiny_run.cache_dir, progress=None)

@@ -132,16 +132,16 @@ def test_run_suite_records_every_method_and_skips_finished_work(tmp_path: Path) 
     assert json.loads(path.read_text())["runs"] == doc["runs"]
     assert set(doc["runs"]) == {"0", "1"} and all(set(r) == set(acc.METHODS) for r in doc["runs"].values())
     record = doc["runs"]["0"]
-    # local-only: three trainings, each evaluated three times; s2's model is perfect, the others score 0.5
+    # local-only: three trainings, each evaluated once per adaptation; s2's model is perfect, the others 0.5
     local_commands = record["local-only"]["commands"]
-    assert len(local_commands) == 12 and all(c.startswith("crosssim ") for c in local_commands)
+    assert len(local_commands) == 3 * (1 + len(acc.ADAPTS)) and all(c.startswith("crosssim ") for c in local_commands)
     assert record["local-only"]["figures"]["none"]["accuracy"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
     assert record["local-only"]["figures"]["tent"]["atc_abs_error"] == pytest.approx((0.25 + 0.25 + 0.25) / 3)
     assert set(record["local-only"]["per_source"]) == {"s1", "s2", "s3"}
     assert record["pooled"]["figures"]["adabn"]["accuracy"] == 1.0  # trained on s1, s2, s3
     pooled_commands = record["pooled"]["commands"]
     assert pooled_commands[0].startswith("crosssim train --sites ") and "strategy=fedavg" in pooled_commands[0]
-    assert any("--adapt tent --tent-steps 3" in c for c in pooled_commands)
+    assert any("--adapt tent --set tent-steps=3" in c for c in pooled_commands)
     simulate = record["crosssim-contrastive"]["commands"][0]
     assert "simulate" in simulate and "similarity=contrastive" in simulate and "--rounds 2" in simulate
     assert "--seed 0" in simulate and "classes=a,b" in simulate
@@ -159,12 +159,13 @@ def test_run_suite_records_every_method_and_skips_finished_work(tmp_path: Path) 
     run(tmp_path, fake, seeds=(0, 1), resume=True)  # everything is in the results file: nothing runs again
     assert len(fake.calls) == calls
     run(tmp_path, fake, seeds=(0, 1, 2), methods=["pooled"], resume=True)  # only the new (seed, method) runs
-    assert len(fake.calls) == calls + 4
+    per_method = 1 + len(acc.ADAPTS)  # one training, one evaluation per adaptation
+    assert len(fake.calls) == calls + per_method
     run(tmp_path, fake, seeds=(0,), methods=["pooled"])  # without resume: measured again
-    assert len(fake.calls) == calls + 8
+    assert len(fake.calls) == calls + 2 * per_method
     other = acc.Protocol("quick", "quick", 5, 3, 1, 3, 3, {})  # another protocol: earlier figures do not count
     run(tmp_path, fake, seeds=(0,), methods=["fedbn"], protocol=other, resume=True)
-    assert len(fake.calls) == calls + 12
+    assert len(fake.calls) == calls + 3 * per_method
 
 
 def test_resume_skips_only_results_of_the_same_protocol_and_code() -> None:
@@ -195,7 +196,7 @@ def test_a_failed_method_is_recorded_and_retried(tmp_path: Path) -> None:
     assert "simulated failure" in doc["failures"]["0"]["fedprox"]["error"]
     retry = FakeCrosssim()
     doc = run(tmp_path, retry, resume=True)  # only the failed method runs again
-    assert {c[0] for c in retry.calls} == {"simulate", "evaluate"} and len(retry.calls) == 4
+    assert {c[0] for c in retry.calls} == {"simulate", "evaluate"} and len(retry.calls) == 1 + len(acc.ADAPTS)
     assert "fedprox" in doc["runs"]["0"] and not doc["failures"]["0"]
 
 
