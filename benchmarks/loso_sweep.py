@@ -31,12 +31,15 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.accuracy import (DEFAULT_WORK, FEDERATED_METHODS, QUICK, RESULTS_DIR, Crosssim,  # noqa: E402
-                                 MethodRun, Protocol, code_fingerprint, environment, evaluate_all, run_crosssim,
-                                 say, settings, simulate_argv)
+                                 MethodRun, Protocol, code_fingerprint, environment, evaluate_all,
+                                 figures_from_metrics, run_crosssim, say, settings, simulate_argv)
 from benchmarks.datasets import SUITES, SuiteSites  # noqa: E402
 from crosssim.data.sites import LABELS_FILENAME  # noqa: E402
 
-HELD_OUT_ADAPTS = ("none", "adabn")  # a held-out source is scored as a target would deploy: plain and with AdaBN
+CHOICE_ADAPTS = ("none", "adabn")  # a candidate is chosen on held-out accuracy plain and with AdaBN
+# Every held-out source is also scored after the label-free adaptations, with the error of each label-free
+# accuracy estimate: the leave-one-source-out evidence for crosssim/auto and for the deployed model's estimator.
+HELD_OUT_ADAPTS = (*CHOICE_ADAPTS, "crosssim", "auto")
 DEFAULT_SUITES = ("synthetic-hard", "elpv-mono2poly", "digits")
 
 Candidates = Mapping[str, Mapping[str, str]]  # name → config overrides
@@ -64,11 +67,12 @@ def federate(run: MethodRun, sites: Sequence[Path], overrides: Mapping[str, str]
     return out / "final.pt"
 
 
-def held_out_accuracy(run: MethodRun, checkpoint: Path, site: Path, out: Path, cache: Path, adapt: str) -> float:
-    """Accuracy of ``checkpoint`` (adapted with ``adapt``) on a labeled source site it never trained on."""
+def held_out_figures(run: MethodRun, checkpoint: Path, site: Path, out: Path, cache: Path,
+                     adapt: str) -> dict[str, Any]:
+    """Figures of ``checkpoint`` (adapted with ``adapt``) on a labeled source site it never trained on."""
     run(["evaluate", "--checkpoint", str(checkpoint), "--data", str(site), "--labels", str(site / LABELS_FILENAME),
          "--out", str(out), "--cache", str(cache), "--adapt", adapt])
-    return float(json.loads((out / "metrics.json").read_text())["labeled"]["accuracy"])
+    return figures_from_metrics(json.loads((out / "metrics.json").read_text()))
 
 
 def choose(mean_accuracy: Mapping[str, float]) -> str:
@@ -81,18 +85,19 @@ def sweep(sites: SuiteSites, suite: str, seed: int, candidates: Candidates, prot
           cache: Path) -> dict[str, Any]:
     """Leave-one-source-out accuracy per candidate, the chosen candidate, and its target figures."""
     common = settings(sites, suite, protocol, seed, cache)
-    held_out: dict[str, dict[str, dict[str, float]]] = {}
+    held_out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for name, overrides in candidates.items():
         held_out[name] = {}
         for site in sites.source_sites:
             out = run.run_dir / name / f"without-{site.name}"
             others = [s for s in sites.source_sites if s != site]
             checkpoint = federate(run, others, overrides, out / "train", protocol, common)
-            held_out[name][site.name] = {adapt: held_out_accuracy(run, checkpoint, site, out / f"eval-{adapt}",
-                                                                  cache, adapt) for adapt in HELD_OUT_ADAPTS}
-        say(f"[{suite} seed {seed}] {name}: held-out source accuracy (plain/AdaBN) "
-            + ", ".join(f"{s} {v['none']:.3f}/{v['adabn']:.3f}" for s, v in held_out[name].items()))
-    means = {name: statistics.fmean(v for by_adapt in per_site.values() for v in by_adapt.values())
+            held_out[name][site.name] = {adapt: held_out_figures(run, checkpoint, site, out / f"eval-{adapt}",
+                                                                 cache, adapt) for adapt in HELD_OUT_ADAPTS}
+        say(f"[{suite} seed {seed}] {name}: held-out source accuracy ({'/'.join(HELD_OUT_ADAPTS)}) "
+            + ", ".join(f"{s} " + "/".join(f"{v[a]['accuracy']:.3f}" for a in HELD_OUT_ADAPTS)
+                        for s, v in held_out[name].items()))
+    means = {name: statistics.fmean(by_adapt[a]["accuracy"] for by_adapt in per_site.values() for a in CHOICE_ADAPTS)
              for name, per_site in held_out.items()}
     chosen = choose(means)
     out = run.run_dir / f"chosen-{chosen}"

@@ -136,6 +136,14 @@ def nearest_centroid_labels(embeddings: torch.Tensor, centroids: torch.Tensor,
     return labels, centroids
 
 
+def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Unit mean embedding per class; a class without images keeps its ``fallback`` row."""
+    z = F.normalize(embeddings.float(), dim=1)
+    sums = torch.zeros(len(fallback), z.shape[1], device=z.device).index_add_(0, labels.to(z.device), z)
+    assigned = torch.bincount(labels, minlength=len(fallback)).to(z.device) > 0
+    return torch.where(assigned.unsqueeze(1), F.normalize(sums, dim=1), F.normalize(fallback.float(), dim=1))
+
+
 def class_prior(prevalence: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """The sources' class prevalence (uniform when unknown), floored at ``PRIOR_FLOOR`` and renormalized."""
     if prevalence is None:
@@ -146,14 +154,19 @@ def class_prior(prevalence: torch.Tensor | None, num_classes: int) -> torch.Tens
 
 def crosssim_adapt(model: CrossSimNet, images: torch.Tensor, device: torch.device, *, prototypes: Prototypes,
                    prior: torch.Tensor, settings: AdaptConfig, seed: int = 0) -> nn.Module:
-    """SHOT-style information maximization + prototype-anchored pseudo-labels on the backbone; in place."""
+    """SHOT-style information maximization + prototype-anchored pseudo-labels on the backbone; in place.
+
+    The prototypes live in the sources' normalization, so the first assignment is made with the unadapted
+    model; the centroids are then the class means of those images in the adapted model's embedding space.
+    """
+    present = prototypes.present if bool(prototypes.present.any()) else torch.ones(len(prior), dtype=torch.bool)
+    first, _ = nearest_centroid_labels(_embeddings(model, images, device), prototypes.vectors, present)
     adabn(model, images, device)
+    centroids = _class_means(_embeddings(model, images, device), first, prototypes.vectors.to(device))
     backbone = list(model.backbone.parameters())
     optimizer = torch.optim.Adam(backbone, lr=settings.shot_lr)
     generator = torch.Generator().manual_seed(seed)
     log_prior = prior.to(device).log()
-    present = prototypes.present if bool(prototypes.present.any()) else torch.ones(len(prior), dtype=torch.bool)
-    centroids = prototypes.vectors.to(device)
     steps_per_epoch = max(1, -(-len(images) // ADAPT_BATCH_SIZE))
     with _Trainable(model, backbone):
         for _ in range(settings.shot_epochs):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import accuracy as acc
 from benchmarks import loso_sweep as sweep
 from tests.bench_fakes import TARGET, TINY, fake_sites, write_csv
 
@@ -33,7 +34,7 @@ class FakeSweepCrosssim:
         lam = json.loads(Path(argv[argv.index("--checkpoint") + 1]).read_text())["lambda"]
         self.label_files.append(argv[argv.index("--labels") + 1])
         on_target = argv[argv.index("--data") + 1].endswith("/target")
-        adabn_bonus = 0.1 if argv[argv.index("--adapt") + 1] == "adabn" else 0.0
+        adabn_bonus = 0.1 if argv[argv.index("--adapt") + 1] == "adabn" else 0.0  # crosssim/auto: no bonus
         accuracy = 0.5 if on_target else {0.0: 0.6, 0.5: 0.8, 2.0: 0.7}[lam] + adabn_bonus
         rows = [[path, "a", "0.900000", "0.9", "0.1"] for path, _ in TARGET]
         write_csv(out / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
@@ -61,10 +62,14 @@ def test_a_candidate_is_chosen_on_held_out_sources_then_scored_once_on_the_targe
     assert len(simulations) == 10
     assert all(len(c[c.index("--sites") + 1:c.index("--out")]) == 2 for c in simulations[:9])
     assert len(simulations[-1][simulations[-1].index("--sites") + 1:simulations[-1].index("--out")]) == 3
-    # the choice reads only source labels (plain + AdaBN each); the target's are read after, for the choice only
+    # the choice reads only source labels (every held-out adaptation); the target's are read after, to score it
     target_reads = [i for i, f in enumerate(fake.label_files) if f.endswith("target_labels.csv")]
-    assert len(fake.label_files) - len(target_reads) == 18 and min(target_reads) == 18
-    assert set(record["target"]) == {"none", "adabn", "tent"}
+    source_reads = 9 * len(sweep.HELD_OUT_ADAPTS)
+    assert len(fake.label_files) - len(target_reads) == source_reads and min(target_reads) == source_reads
+    assert set(record["target"]) == set(acc.ADAPTS)
+    held = record["held_out_accuracy"]["mid"]
+    assert set(held) == {"s1", "s2", "s3"} and set(held["s1"]) == set(sweep.HELD_OUT_ADAPTS)
+    assert held["s1"]["crosssim"]["atc_abs_error"] == pytest.approx(0.05)  # |0.75 − 0.8|: estimator evidence
     saved = json.loads((tmp_path / "results" / "loso-lambda-synthetic.json").read_text())
     assert saved["runs"]["0"]["chosen"] == "mid"
 

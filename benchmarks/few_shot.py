@@ -1,0 +1,133 @@
+"""Few-shot adaptation at the target: k labeled target images per class vs the best label-free result.
+
+For each suite, seed and federated method whose quick-protocol checkpoint ``benchmarks/accuracy.py`` left
+in the work folder, and each k: draw k target images per class (seeded; the target's ground truth is what
+a hospital would label), then ``crosssim evaluate --adapt auto --shots`` scores on the other images both
+the few-shot model and the label-free ``auto`` one, side by side on the same images.
+
+Results: ``benchmarks/results/few-shot-<suite>.json`` and a table on stdout.
+
+    .venv/bin/python benchmarks/accuracy.py --suites digits --methods fedavg crosssim   # the checkpoints
+    .venv/bin/python benchmarks/few_shot.py --suites digits --seeds 3 --shots 1 5 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.accuracy import (DEFAULT_WORK, QUICK, RESULTS_DIR, Crosssim, MethodRun, code_fingerprint,  # noqa: E402
+                                 environment, run_crosssim, say)
+from benchmarks.datasets import SUITES  # noqa: E402
+from crosssim.data.sites import read_labels_csv, write_labels_csv  # noqa: E402
+
+DEFAULT_SHOTS = (1, 5, 10)
+DEFAULT_METHODS = ("fedavg", "crosssim")
+LABEL_FREE_ADAPT = "auto"  # what the few-shot result is compared with
+
+
+def draw_shots(labels: Mapping[str, str], k: int, seed: int) -> list[tuple[str, str]]:
+    """k (path, label) rows per class, drawn with ``seed``; a class with fewer images gives all it has."""
+    rng = random.Random(seed)
+    rows: list[tuple[str, str]] = []
+    for label in sorted(set(labels.values())):
+        paths = sorted(p for p, lab in labels.items() if lab == label)
+        rows += [(p, label) for p in rng.sample(paths, min(k, len(paths)))]
+    return rows
+
+
+def few_shot_figures(run: MethodRun, checkpoint: Path, target: Path, target_labels: Path, k: int, seed: int,
+                     out: Path, cache: Path) -> dict[str, Any]:
+    """Few-shot and label-free accuracy on the target images that are not shots."""
+    shots = write_labels_csv(out / f"shots-{k}.csv", draw_shots(read_labels_csv(target_labels), k, seed))
+    eval_dir = out / f"eval-shots-{k}"
+    run(["evaluate", "--checkpoint", str(checkpoint), "--data", str(target), "--labels", str(target_labels),
+         "--out", str(eval_dir), "--cache", str(cache), "--adapt", LABEL_FREE_ADAPT, "--shots", str(shots)])
+    few = json.loads((eval_dir / "metrics.json").read_text())["few_shot"]
+    return {key: few[key] for key in ("n_shots", "n_scored", "label_free_method", "label_free_accuracy",
+                                      "few_shot_accuracy")}
+
+
+def run_few_shot(suite: str, seeds: Sequence[int], methods: Sequence[str], shots: Sequence[int], work: Path,
+                 results_dir: Path, crosssim: Crosssim = run_crosssim, prepare=None) -> dict[str, Any]:
+    """Every (seed, method, k) of one suite whose checkpoint exists; writes ``few-shot-<suite>.json``."""
+    if prepare is None:
+        from benchmarks.datasets import prepare_suite as prepare
+    doc: dict[str, Any] = {"suite": suite, "protocol": QUICK.for_suite(suite), "shots": list(shots),
+                           "environment": environment(), "code": code_fingerprint(), "runs": {}, "missing": []}
+    for seed in seeds:
+        sites = prepare(suite, work / QUICK.name / "data" / f"seed-{seed}", seed=seed, size=QUICK.size,
+                        limit=QUICK.limit, cache_dir=work / "downloads", progress=None)
+        for method in methods:
+            method_dir = work / QUICK.name / "runs" / suite / f"seed-{seed}" / method
+            checkpoint = method_dir / "train" / "final.pt"
+            if not checkpoint.is_file():
+                doc["missing"].append(str(checkpoint))
+                say(f"[{suite} seed {seed}] {method}: no checkpoint {checkpoint} (run benchmarks/accuracy.py "
+                    "first); skipped")
+                continue
+            run = MethodRun(crosssim, method_dir / "few-shot")
+            figures = {str(k): few_shot_figures(run, checkpoint, sites.target_site, sites.target_labels, k, seed,
+                                                run.run_dir, work / "cache") for k in shots}
+            doc["runs"].setdefault(str(seed), {})[method] = {"figures": figures, "commands": run.commands}
+            say(f"[{suite} seed {seed}] {method}: " + ", ".join(
+                f"k={k} few-shot {f['few_shot_accuracy']:.3f} vs {f['label_free_method']} "
+                f"{f['label_free_accuracy']:.3f}" for k, f in figures.items()))
+    path = Path(results_dir) / f"few-shot-{suite}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def few_shot_table(doc: Mapping[str, Any]) -> str:
+    """Markdown: per method and k, few-shot and label-free accuracy, mean ± std over seeds."""
+    lines = ["| suite | method | k per class | seeds | few-shot accuracy | label-free (auto) accuracy |",
+             "|---|---|---|---|---|---|"]
+    methods = sorted({m for by_method in doc["runs"].values() for m in by_method})
+    for method in methods:
+        for k in doc["shots"]:
+            rows = [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
+            few = [r["few_shot_accuracy"] for r in rows]
+            free = [r["label_free_accuracy"] for r in rows]
+            lines.append(f"| {doc['suite']} | {method} | {k} | {len(rows)} | {_stat(few)} | {_stat(free)} |")
+    return "\n".join(lines)
+
+
+def _stat(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES), metavar="SUITE")
+    parser.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help=f"federated methods whose checkpoints to adapt (default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--shots", nargs="+", type=int, default=list(DEFAULT_SHOTS), metavar="K",
+                        help="labeled target images per class (1-20; default 1 5 10)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="accuracy.py's work folder")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="JSON output folder")
+    args = parser.parse_args(argv)
+    if any(not 1 <= k <= 20 for k in args.shots):
+        parser.error("--shots: each k must be in 1..20")
+    for suite in args.suites:
+        doc = run_few_shot(suite, range(args.seeds), args.methods, args.shots, args.work.resolve(), args.results)
+        print(few_shot_table(doc), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/few_shot.py: k shots per class drawn from the target's labels, scored side by side with auto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import few_shot
+from crosssim.data.sites import read_labels_csv
+from tests.bench_fakes import TARGET, fake_sites
+
+
+def test_draw_shots_takes_k_per_class_and_is_seeded() -> None:
+    labels = dict(TARGET)
+    rows = few_shot.draw_shots(labels, 2, seed=0)
+    assert sorted(label for _, label in rows) == ["a", "a", "b", "b"]
+    assert all(labels[path] == label for path, label in rows)
+    assert rows == few_shot.draw_shots(labels, 2, seed=0)
+    assert len(few_shot.draw_shots(labels, 10, seed=0)) == len(TARGET)  # a class gives all it has
+
+
+class FakeEvaluate:
+    """Stands in for ``crosssim.cli.main`` evaluate: few-shot accuracy grows with the shots it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str], log: Path) -> None:
+        self.calls.append(argv)
+        shots = read_labels_csv(Path(argv[argv.index("--shots") + 1]))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"few_shot": {
+            "n_shots": len(shots), "n_scored": len(TARGET) - len(shots), "label_free_method": "adabn",
+            "label_free_accuracy": 0.5, "few_shot_accuracy": 0.5 + 0.1 * len(shots)}}))
+
+
+def test_only_existing_checkpoints_are_adapted_and_the_table_compares_side_by_side(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    checkpoint = work / "quick" / "runs" / "fake" / "seed-0" / "crosssim" / "train" / "final.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("stand-in")
+    fake = FakeEvaluate()
+    doc = few_shot.run_few_shot("fake", [0], ["fedavg", "crosssim"], [1, 2], work, tmp_path / "results",
+                                crosssim=fake, prepare=lambda name, out, **_: fake_sites(Path(out) / name))
+    assert len(fake.calls) == 2 and all("--adapt" in c and "auto" in c for c in fake.calls)
+    assert doc["missing"] and "fedavg" in doc["missing"][0]  # counted and shown, never silently dropped
+    assert doc["runs"]["0"]["crosssim"]["figures"]["2"]["few_shot_accuracy"] == 0.5 + 0.1 * 4
+    table = few_shot.few_shot_table(doc)
+    assert "| fake | crosssim | 2 | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 |" in table
+    assert (tmp_path / "results" / "few-shot-fake.json").is_file()
