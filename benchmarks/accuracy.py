@@ -297,9 +297,11 @@ def figures_from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
            "atc_estimated_accuracy": estimate,
            "atc_abs_error": None if estimate is None or acc is None else abs(estimate - acc),
            "adaptation_used": metrics.get("adaptation", {}).get("method")}
-    for name in ("doc", "adabn_atc", "agreement"):
+    for name in ("doc", "adabn_atc", "agreement", "deployed"):
         error = _float_or_none(labeled.get(f"{name}_estimate_error"))
         row[f"{name}_abs_error"] = None if error is None else abs(error)
+    row["deployed_estimator"] = free.get("estimator")
+    row["deployed_interval_covers"] = labeled.get("deployed_interval_covers")
     return row
 
 

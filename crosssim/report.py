@@ -80,12 +80,14 @@ def _summary(data: ReportData) -> str:
     m, free = data.metrics, data.metrics["label_free"]
     rows = [("site", html.escape(m["site"])), ("images", str(free["n_images"])),
             ("checkpoint", html.escape(m["checkpoint"])), ("adaptation", _adaptation(m["adaptation"]))]
-    if free.get("atc_estimated_accuracy") is not None:
-        low, high = free["atc_interval"]
-        rows.append(("estimated accuracy (ATC)",
-                     f'<span class="big">{_fmt(free["atc_estimated_accuracy"])}</span> '
+    if free.get("estimated_accuracy") is not None:
+        low, high = free["estimated_interval"]
+        rows.append((f"estimated accuracy of the deployed model ({html.escape(free['estimator'])})",
+                     f'<span class="big">{_fmt(free["estimated_accuracy"])}</span> '
                      f'({free["atc_interval_level"]:.0%} bootstrap interval {_fmt(low)}–{_fmt(high)}; '
                      "sampling error only)"))
+        rows.append(("estimated accuracy (ATC of the deployed model's own confidences)",
+                     _fmt(free["atc_estimated_accuracy"])))
         rows.append(("estimated accuracy (DoC)", _fmt(free["doc_estimated_accuracy"])))
         if "agreement_estimated_accuracy" in free:
             rows.append(("agreement with the AdaBN model / its ATC estimate",
@@ -100,15 +102,18 @@ def _summary(data: ReportData) -> str:
     if "labeled" in m:
         lab = m["labeled"]
         rows.append(("true accuracy (ground truth given)", f'<span class="big">{_fmt(lab["accuracy"])}</span>'))
-        rows.append(("ATC / DoC estimate − true accuracy",
-                     f'{_fmt(lab.get("atc_estimate_error"))} / {_fmt(lab.get("doc_estimate_error"))}'))
+        rows.append(("deployed estimate / ATC / DoC − true accuracy",
+                     f'{_fmt(lab.get("deployed_estimate_error"))} / {_fmt(lab.get("atc_estimate_error"))} / '
+                     f'{_fmt(lab.get("doc_estimate_error"))}'))
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     note = ('<p class="note">Label-free estimates assume the shift preserves how confidence relates to '
             'correctness; under a strong shift they can be far off. Alarms say the images look unlike the '
             'sources; they are not accuracy estimates.')
     if m["adaptation"]["method"] != "none":
-        note += (" The ATC and DoC references were measured with the unadapted model on source data; adaptation "
-                 "changes confidences, so treat the estimates after adaptation with extra caution.")
+        note += (" The ATC and DoC references were measured with the unadapted model on source data. After "
+                 "TENT, crosssim or few-shot adaptation, whose entropy terms inflate confidence, the deployed "
+                 "model's estimate is ATC of the AdaBN-adapted model (the same BatchNorm statistics, the "
+                 "sources' calibration); see crosssim/evaluate.py DEPLOYED_ESTIMATOR.")
     note += "</p>"
     return _section("summary", "Summary", f"<table>{table}</table>{note}")
 

@@ -10,7 +10,7 @@ from crosssim.adapt_choice import degeneracy_checks
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import AdaptConfig, ConfigError
 from crosssim.data.sites import SiteError, load_site, read_labels_csv, write_labels_csv
-from crosssim.evaluate import evaluate_site, reference_estimates
+from crosssim.evaluate import deployed_estimate, evaluate_site, reference_estimates
 from crosssim.metrics import atc_threshold
 from crosssim.model import batchnorm_modules, batchnorm_state_keys
 from crosssim.shift import shift_figures
@@ -194,3 +194,14 @@ def test_evaluate_set_takes_adapt_keys_only(eval_tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="\\[adapt\\] keys only.*lr"):
         evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path, adapt="tent",
                       adapt_overrides={"lr": 1.0}, cache_dir=eval_tiny_run.cache_dir, progress=None)
+
+
+def test_the_deployed_estimate_follows_how_the_model_came_about():
+    free = {"atc_estimated_accuracy": 0.9, "atc_interval": [0.85, 0.95],
+            "adabn_atc_estimated_accuracy": 0.7, "adabn_atc_interval": [0.6, 0.8]}
+    assert deployed_estimate(free, "adabn") == {"estimator": "atc", "estimated_accuracy": 0.9,
+                                                 "estimated_interval": [0.85, 0.95]}
+    assert deployed_estimate(free, "crosssim")["estimated_accuracy"] == 0.7
+    assert deployed_estimate({k: free[k] for k in ("atc_estimated_accuracy", "atc_interval")},
+                             "crosssim")["estimator"] == "atc"  # no AdaBN reference computed
+    assert deployed_estimate({}, "none") == {}  # no source statistics: no estimate

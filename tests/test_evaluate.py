@@ -22,9 +22,9 @@ ATC_BIAS_TOLERANCE = 0.02  # mean signed error
 
 LABEL_FREE_KEYS = {"n_images", "predicted_prevalence", "source_prevalence", "mean_confidence", "mean_entropy",
                    "atc_threshold", "atc_estimated_accuracy", "atc_interval", "doc_estimated_accuracy",
-                   "shift_alarms", "alarms_flagged"}
+                   "shift_alarms", "alarms_flagged", "estimator", "estimated_accuracy", "estimated_interval"}
 LABELED_KEYS = {"accuracy", "balanced_accuracy", "macro_auc", "ece", "per_class", "confusion_matrix",
-                "atc_estimate_error", "doc_estimate_error"}
+                "atc_estimate_error", "doc_estimate_error", "deployed_estimate_error", "deployed_interval_covers"}
 
 
 def _strict_json(path):
