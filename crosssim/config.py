@@ -108,6 +108,7 @@ class FederationConfig:
     fraction_train: float = 1.0
     update_dtype: str = "float32"  # float32 | float16 on the wire
     round_timeout_s: float = 3600.0
+    max_update_norm_ratio: float = 10.0  # reject an update whose norm exceeds this × the round's median; 0: off
 
 
 @dataclass(frozen=True)

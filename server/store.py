@@ -23,6 +23,7 @@ class RoundRecord:
     lambda_sim: float  # written as "lambda"
     sites: int = 0  # train replies aggregated
     failures: list[str] = field(default_factory=list)  # train replies that failed: "node N: reason"
+    rejected: list[str] = field(default_factory=list)  # replies refused by server.reply_check: "node N: rejected: why"
     examples: int = 0
     train: dict[str, float] = field(default_factory=dict)  # Flower's weighted average of the scalar metrics
     train_compute_s: list[float] = field(default_factory=list)  # per site

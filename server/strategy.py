@@ -36,6 +36,7 @@ from crosssim.method import uses_style_bank
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, aggregate_prototypes
 from crosssim.style import StyleEntry, aggregate_bank, bank_to_arrays, layer_channels
+from server.reply_check import arrays_problem, norm_outliers, state_problem, update_norm
 from server.store import RoundRecord, RunStore
 
 Progress = Callable[[str], None]
@@ -141,7 +142,7 @@ class CrossSimStrategy(FedAvg):
         ok, errors = _split_replies(replies)
         for line in errors:
             self.progress(f"round {record.round}: {line}")
-        styles = {str(msg.metadata.src_node_id): self._style(msg) for msg in ok if STYLE_RECORD in msg.content}
+        ok, site_prototypes, styles = self._checked(ok, record)
         self.style_bank = aggregate_bank(self.style_bank, styles)
         targets = [msg for msg in ok if ARRAYS_RECORD not in msg.content]  # unlabeled: a style and a count only
         self.target_nodes |= {msg.metadata.src_node_id for msg in targets}
@@ -149,16 +150,7 @@ class CrossSimStrategy(FedAvg):
         ok = [msg for msg in ok if ARRAYS_RECORD in msg.content]
         if not ok:
             raise RuntimeError(f"round {record.round}: no site finished training "
-                               f"({'; '.join(errors) or 'no reply before the round timeout'})")
-        site_prototypes = []
-        for msg in ok:
-            msg.content.pop(STYLE_RECORD, None)
-            if self.local_keys & set(msg.content[ARRAYS_RECORD].keys()):
-                raise ValueError(f"node {msg.metadata.src_node_id} sent its FedBN-local BatchNorm layers")
-            arrays = msg.content[PROTOTYPES_RECORD].to_torch_state_dict()
-            site_prototypes.append(prototypes_from_arrays(arrays, len(self.classes), self.embedding_dim))
-            del msg.content[PROTOTYPES_RECORD]
-            msg.content[ARRAYS_RECORD] = ArrayRecord(from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict()))
+                               f"({'; '.join(errors + record.rejected) or 'no reply before the round timeout'})")
         self.prototypes = aggregate_prototypes(site_prototypes, self.prototypes)
         averaged, metrics = super().aggregate_train(server_round, ok)
         self.global_state = merge_state(self.global_state, averaged.to_torch_state_dict())
@@ -175,6 +167,53 @@ class CrossSimStrategy(FedAvg):
                 self.progress(f"{node}: " + ", ".join(f"{c}={n if n else f'<{self.cfg.method.min_count}'}"
                                                       for c, n in zip(self.classes, counts)))
         return ArrayRecord(self.global_state), metrics
+
+    def _checked(self, replies: list[Message],
+                 record: RoundRecord) -> tuple[list[Message], list[Prototypes], dict[str, StyleEntry]]:
+        """Replies that pass ``server.reply_check`` (weights as float32, summaries taken out), their
+        prototypes and style entries; each rejected reply is one line in the log and in ``record.rejected``."""
+        expected = {k: v for k, v in self.global_state.items() if k not in self.local_keys}
+        accepted: dict[str, tuple[Message, Prototypes | None, StyleEntry | None]] = {}
+        norms: dict[str, float] = {}
+        for msg in replies:
+            node = f"node {msg.metadata.src_node_id}"
+            try:
+                accepted[node] = self._parsed(msg, expected)
+            except ValueError as exc:
+                record.rejected.append(f"{node}: rejected: {exc}")
+                continue
+            if ARRAYS_RECORD in msg.content:
+                norms[node] = update_norm(msg.content[ARRAYS_RECORD].to_torch_state_dict(), expected)
+        for node, reason in norm_outliers(norms, self.cfg.federation.max_update_norm_ratio).items():
+            record.rejected.append(f"{node}: rejected: {reason}")
+            del accepted[node]
+        for line in record.rejected:
+            self.progress(f"round {record.round}: {line}")
+        return ([msg for msg, _, _ in accepted.values()],
+                [protos for _, protos, _ in accepted.values() if protos is not None],
+                {node.removeprefix("node "): style for node, (_, _, style) in accepted.items() if style is not None})
+
+    def _parsed(self, msg: Message, expected: dict[str, torch.Tensor]) -> tuple[Message, Prototypes | None,
+                                                                              StyleEntry | None]:
+        """One reply's prototypes and style taken out and its weights cast to float32; ValueError if unusable."""
+        style = None
+        if STYLE_RECORD in msg.content:
+            problem = arrays_problem("style", msg.content[STYLE_RECORD].to_torch_state_dict())
+            if problem:
+                raise ValueError(problem)
+            style = self._style(msg)
+            msg.content.pop(STYLE_RECORD)
+        if ARRAYS_RECORD not in msg.content:
+            return msg, None, style
+        state = from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict())
+        arrays = msg.content[PROTOTYPES_RECORD].to_torch_state_dict()
+        problem = state_problem(state, expected) or arrays_problem("prototypes", arrays)
+        if problem:
+            raise ValueError(problem)
+        protos = prototypes_from_arrays(arrays, len(self.classes), self.embedding_dim)
+        del msg.content[PROTOTYPES_RECORD]
+        msg.content[ARRAYS_RECORD] = ArrayRecord(state)
+        return msg, protos, style
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -225,7 +264,8 @@ def _progress_line(record: RoundRecord, total_rounds: int) -> str:
             f" | val acc {evaluate.get('val-accuracy', float('nan')):.3f}"
             f" | {record.wall_s:.1f}s (site compute {compute:.1f}s) → {record.checkpoint}")
     failures = record.failures + record.evaluate_failures
-    return line + (f" | {len(failures)} failed reply(ies)" if failures else "")
+    line += f" | {len(failures)} failed reply(ies)" if failures else ""
+    return line + (f" | {len(record.rejected)} rejected reply(ies)" if record.rejected else "")
 
 
 def build_strategy(cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],

@@ -140,8 +140,35 @@ def test_fedbn_never_averages_batchnorm_layers(tmp_path):
         assert torch.equal(averaged[key], state[key])  # still the server's, untouched by any site
     assert all(torch.allclose(averaged[k], torch.full_like(averaged[k], 2.0))
                for k in set(state) - bn_keys if averaged[k].is_floating_point())
-    with pytest.raises(ValueError, match="FedBN"):
-        strategy.aggregate_train(2, [_reply(1, _filled(state, 1.0), protos, 1)])
+    with pytest.raises(RuntimeError, match="rejected: weights do not match the model .*unexpected"):
+        strategy.aggregate_train(2, [_reply(1, _filled(state, 1.0), protos, 1)])  # it sent its local BN layers
+
+
+def test_bad_updates_are_rejected_and_the_aggregate_is_that_of_the_accepted_replies(tmp_path):
+    strategy, state = _strategy(tmp_path, "fedavg")
+    protos = Prototypes.empty(len(CLASSES), 128)
+    first_float = next(k for k, v in state.items() if v.is_floating_point())
+    nan = _filled(state, 1.0)
+    nan[first_float][0] = float("nan")
+    wrong_shape = _filled(state, 1.0)
+    wrong_shape[first_float] = torch.ones(3)
+    bad_protos = Prototypes(torch.full((len(CLASSES), 128), float("inf")), torch.ones(len(CLASSES), dtype=torch.int64))
+    global_value = 0.5
+    strategy.global_state = _filled(state, global_value)
+    good = [_reply(n, _filled(state, global_value + d), protos, 1) for n, d in ((1, 0.1), (2, 0.2), (3, 0.3))]
+    bad = [_reply(4, nan, protos, 1), _reply(5, wrong_shape, protos, 1),
+           _reply(6, _filled(state, global_value + 1000 * 0.2), protos, 1),  # 1000x the typical update
+           _reply(7, _filled(state, 0.7), bad_protos, 1)]
+    arrays, _ = strategy.aggregate_train(1, good + bad)
+    rejected = strategy.record.rejected
+    assert [line.split(":")[0] for line in rejected] == ["node 4", "node 5", "node 7", "node 6"]
+    assert "non-finite" in rejected[0] and "shape (3,)" in rejected[1] and "prototypes" in rejected[2]
+    assert "x the round's median" in rejected[3]
+    assert strategy.record.sites == 3
+    for key, value in arrays.to_torch_state_dict().items():
+        if value.is_floating_point():  # exactly the mean of the three accepted replies
+            assert torch.allclose(value, torch.full_like(value, global_value + 0.2))
+    assert '"rejected": ["node 4: rejected' in strategy.record.to_json()
 
 
 def test_fedbn_round_keeps_each_sites_batchnorm_in_its_context(tmp_path, sites, flower_task):

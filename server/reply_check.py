@@ -1,0 +1,60 @@
+"""Each site's train reply is checked before aggregation: a bad update is rejected with a reason, never averaged.
+
+A reply is rejected when its weights do not have exactly the global model's shared keys, shapes and kinds
+(floating point vs integer), when any weight, prototype or style value is not finite, or when its update norm
+‖w_site − w_global‖ exceeds ``max-update-norm-ratio`` × the median over the round's replies (only with at
+least ``MIN_REPLIES_FOR_NORM_CHECK`` replies: a median of one or two says nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+
+import torch
+
+MIN_REPLIES_FOR_NORM_CHECK = 3
+
+
+def state_problem(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot be averaged into a model with tensors like ``expected``; None when it can."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        return f"weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, reference in expected.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(reference.shape):
+            return f"{key} has shape {tuple(value.shape)}, the model's is {tuple(reference.shape)}"
+        if value.is_floating_point() != reference.is_floating_point():
+            return f"{key} is {value.dtype}, the model's is {reference.dtype}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{key} holds non-finite values"
+    return None
+
+
+def arrays_problem(name: str, arrays: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a summary record (prototypes, style) is unusable: any non-finite value; None when it is fine."""
+    for key, value in arrays.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{name} {key} holds non-finite values"
+    return None
+
+
+def update_norm(state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> float:
+    """‖w_site − w_global‖ over the floating-point tensors, in float64."""
+    total = sum(float(((state[k].double() - global_state[k].double()) ** 2).sum())
+                for k in state if state[k].is_floating_point())
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: Mapping[str, float], max_ratio: float) -> dict[str, str]:
+    """{node: reason} for updates above ``max_ratio`` × the median norm; none when off or too few replies."""
+    if max_ratio <= 0 or len(norms) < MIN_REPLIES_FOR_NORM_CHECK:
+        return {}
+    median = statistics.median(norms.values())
+    if median <= 0:
+        return {}
+    return {node: f"update norm {norm:.3g} is {norm / median:.1f}x the round's median {median:.3g} "
+                  f"(max-update-norm-ratio {max_ratio:g})"
+            for node, norm in norms.items() if norm > max_ratio * median}
