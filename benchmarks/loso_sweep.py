@@ -1,7 +1,9 @@
 """Choosing a default without the target's labels: leave one source hospital out.
 
 Each *candidate* is a named set of config overrides of CrossSim (e.g. ``lambda-sim=0.5`` or
-``style-mix-probability=0``). For each candidate and each source site: ``crosssim simulate`` (the quick
+``style-mix-probability=0``). When every candidate sets only ``[adapt]`` keys (e.g. ``shot-lr=3e-5``), the
+study chooses ``--adapt crosssim`` settings: each fold is trained once with the defaults and every candidate
+adapts that model to the held-out source. For each candidate and each source site: ``crosssim simulate`` (the quick
 protocol of ``accuracy.py``) on the other sources, then ``crosssim evaluate --labels`` on the held-out source,
 which plays the unseen hospital, plain and with ``--adapt adabn`` (how a target deploys the model). The
 candidate with the best mean held-out accuracy over sites and both adaptations (ties: the one listed first)
@@ -34,6 +36,7 @@ from benchmarks.accuracy import (DEFAULT_WORK, FEDERATED_METHODS, QUICK, RESULTS
                                  MethodRun, Protocol, code_fingerprint, environment, evaluate_all,
                                  figures_from_metrics, run_crosssim, say, settings, simulate_argv)
 from benchmarks.datasets import SUITES, SuiteSites  # noqa: E402
+from crosssim.config import FIELD_INDEX  # noqa: E402
 from crosssim.data.sites import LABELS_FILENAME  # noqa: E402
 
 CHOICE_ADAPTS = ("none", "adabn")  # a candidate is chosen on held-out accuracy plain and with AdaBN
@@ -67,12 +70,44 @@ def federate(run: MethodRun, sites: Sequence[Path], overrides: Mapping[str, str]
     return out / "final.pt"
 
 
-def held_out_figures(run: MethodRun, checkpoint: Path, site: Path, out: Path, cache: Path,
-                     adapt: str) -> dict[str, Any]:
+def held_out_figures(run: MethodRun, checkpoint: Path, site: Path, out: Path, cache: Path, adapt: str,
+                     adapt_overrides: Mapping[str, str] | None = None, labels: Path | None = None) -> dict[str, Any]:
     """Figures of ``checkpoint`` (adapted with ``adapt``) on a labeled source site it never trained on."""
-    run(["evaluate", "--checkpoint", str(checkpoint), "--data", str(site), "--labels", str(site / LABELS_FILENAME),
-         "--out", str(out), "--cache", str(cache), "--adapt", adapt])
+    run(["evaluate", "--checkpoint", str(checkpoint), "--data", str(site),
+         "--labels", str(labels or site / LABELS_FILENAME), "--out", str(out), "--cache", str(cache),
+         "--adapt", adapt, *override_flags(adapt_overrides or {})])
     return figures_from_metrics(json.loads((out / "metrics.json").read_text()))
+
+
+def is_adaptation_study(candidates: Candidates) -> bool:
+    """Every candidate sets [adapt] keys only: one training per fold serves them all (``adaptation_sweep``)."""
+    return all(FIELD_INDEX.get(key, ("",))[0] == "adapt" for overrides in candidates.values() for key in overrides)
+
+
+def adaptation_sweep(sites: SuiteSites, suite: str, seed: int, candidates: Candidates, protocol: Protocol,
+                     run: MethodRun, cache: Path) -> dict[str, Any]:
+    """``--adapt crosssim`` settings chosen on held-out sources (one default federation per fold), then the
+    chosen settings scored once on the target beside AdaBN."""
+    common = settings(sites, suite, protocol, seed, cache)
+    held_out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {name: {} for name in candidates}
+    for site in sites.source_sites:
+        out = run.run_dir / f"without-{site.name}"
+        checkpoint = federate(run, [s for s in sites.source_sites if s != site], {}, out / "train", protocol, common)
+        adabn = held_out_figures(run, checkpoint, site, out / "eval-adabn", cache, "adabn")
+        for name, overrides in candidates.items():
+            held_out[name][site.name] = {"adabn": adabn, "crosssim": held_out_figures(
+                run, checkpoint, site, out / f"eval-crosssim-{name}", cache, "crosssim", overrides)}
+    means = {name: statistics.fmean(v["crosssim"]["accuracy"] for v in per_site.values())
+             for name, per_site in held_out.items()}
+    for name, mean in means.items():
+        say(f"[{suite} seed {seed}] {name}: held-out source accuracy after --adapt crosssim {mean:.3f}")
+    chosen = choose(means)
+    out = run.run_dir / "all-sources"
+    checkpoint = federate(run, sites.source_sites, {}, out / "train", protocol, common)
+    target = {adapt: held_out_figures(run, checkpoint, sites.target_site, out / f"eval-{adapt}", cache, adapt,
+                                      candidates[chosen] if adapt == "crosssim" else None, sites.target_labels)
+              for adapt in ("none", "adabn", "crosssim")}
+    return {"held_out_accuracy": held_out, "mean_held_out_accuracy": means, "chosen": chosen, "target": target}
 
 
 def choose(mean_accuracy: Mapping[str, float]) -> str:
@@ -84,6 +119,8 @@ def choose(mean_accuracy: Mapping[str, float]) -> str:
 def sweep(sites: SuiteSites, suite: str, seed: int, candidates: Candidates, protocol: Protocol, run: MethodRun,
           cache: Path) -> dict[str, Any]:
     """Leave-one-source-out accuracy per candidate, the chosen candidate, and its target figures."""
+    if is_adaptation_study(candidates):
+        return adaptation_sweep(sites, suite, seed, candidates, protocol, run, cache)
     common = settings(sites, suite, protocol, seed, cache)
     held_out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for name, overrides in candidates.items():

@@ -96,3 +96,38 @@ def test_sweep_table_row_and_results_md_section(tmp_path: Path) -> None:
                                     commit={"commit": None, "dirty": None}).read_text()
     assert "## Choosing defaults without target labels" in text and "loso-lambda-synthetic.json" not in text
     assert "small: `lambda-sim=0`; mid: `defaults`" in text
+
+
+class FakeAdaptCrosssim:
+    """Every model scores 0.6 after AdaBN; after ``--adapt crosssim`` its accuracy depends on ``shot-lr``."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str], log: Path) -> None:
+        self.calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if argv[0] == "simulate":
+            (out / "final.pt").write_text("stand-in")
+            return
+        lr = next((a.split("=")[1] for a in argv if a.startswith("shot-lr=")), "default")
+        accuracy = {"default": 0.6, "3e-5": 0.7, "1e-3": 0.5}[lr] if "crosssim" in argv else 0.6
+        (out / "metrics.json").write_text(json.dumps({
+            "label_free": {"n_images": 4, "atc_estimated_accuracy": 0.6},
+            "labeled": {"accuracy": accuracy, "balanced_accuracy": accuracy}}))
+
+
+def test_an_adaptation_study_trains_each_fold_once_and_chooses_on_held_out_sources(tmp_path: Path) -> None:
+    fake = FakeAdaptCrosssim()
+    candidates = {"fast": {"shot-lr": "1e-3"}, "slow": {"shot-lr": "3e-5"}}
+    assert sweep.is_adaptation_study(candidates) and not sweep.is_adaptation_study(CANDIDATES)
+    doc = sweep.run_sweep("shot", "synthetic", [0], candidates, tmp_path / "work", tmp_path / "results",
+                          protocol=TINY, crosssim=fake, prepare=lambda name, out, **_: fake_sites(Path(out) / name))
+    record = doc["runs"]["0"]
+    assert record["chosen"] == "slow"
+    assert record["mean_held_out_accuracy"] == pytest.approx({"fast": 0.5, "slow": 0.7})
+    assert len([c for c in fake.calls if c[0] == "simulate"]) == 3 + 1  # one per fold, then all sources
+    assert record["target"]["crosssim"]["accuracy"] == 0.7 and record["target"]["adabn"]["accuracy"] == 0.6
+    target_evals = [c for c in fake.calls if c[0] == "evaluate" and c[c.index("--data") + 1].endswith("target")]
+    assert len(target_evals) == 3 and all("shot-lr=1e-3" not in c for c in target_evals)
