@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -74,8 +75,8 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
                 progress: Progress = None) -> TrainResult:
     """Train ``model`` in place with ``CE + λ·(L_sim + L_pair)`` (+ FedProx term when ``global_params``).
 
-    With the pair loss (``crosssim.method.uses_pair_loss``) every batch is rendered twice by random scanners
-    and both views train: CE on both, the prototype term on both, the pair term between them. With ``styles``
+    With the pair loss (``crosssim.method.uses_pair_loss``) every batch is rendered twice, the anchor view
+    (``anchor-view``) and a random scanner's view (``augment``), and both views train: CE on both, the prototype term on both, the pair term between them. With ``styles``
     (other sites' style entries) the first style layers mix toward them (``crosssim.style``).
     ``epoch_end(epoch)`` may return refreshed (prototypes, λ) for the next epoch (pooled training
     recomputes them each epoch).
@@ -88,6 +89,7 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loader = make_loader(images, labels, cfg.train.batch_size, seed, device)
     augment, augment_generator = resolve_augment(cfg), torch.Generator().manual_seed(seed + 1)
+    anchor = dataclasses.replace(augment, augment=augment.anchor_view)
     anchors = None if global_params is None else {k: v.to(device) for k, v in global_params.items()}
     two_views = uses_pair_loss(cfg)
     mixer = StyleMixer(styles, cfg.method.style_mix_probability, cfg.method.style_alpha, seed + 2) \
@@ -101,8 +103,8 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         epoch_loss = 0.0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if two_views:  # two random scanners render each image
-                x, y = torch.cat([augment_batch(x, augment, augment_generator),
+            if two_views:  # the anchor view and a random scanner's view of each image
+                x, y = torch.cat([augment_batch(x, anchor, augment_generator),
                                   augment_batch(x, augment, augment_generator)]), torch.cat([y, y])
             else:
                 x = augment_batch(x, augment, augment_generator)
