@@ -106,7 +106,10 @@ ADAPTS = ("none", "adabn", "tent", "crosssim", "auto")
 ADAPT_LABELS = {"none": "plain", "adabn": "AdaBN", "tent": "TENT", "crosssim": "CrossSim-adapt", "auto": "auto"}
 FIGURES = ("accuracy", "balanced_accuracy", "atc_abs_error")
 FIGURE_LABELS = {"accuracy": "target accuracy", "balanced_accuracy": "balanced accuracy",
-                 "atc_abs_error": "ATC abs. error"}
+                 "atc_abs_error": "ATC abs. error", "deployed_abs_error": "deployed-model estimate abs. error",
+                 "deployed_interval_covers": "deployed-model interval coverage"}
+# Summarized over seeds beside FIGURES (RESULTS.md overviews), not in the per-suite tables.
+ESTIMATE_FIGURES = ("deployed_abs_error", "deployed_interval_covers")
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_WORK = REPO_ROOT / "runs" / "bench"
@@ -352,7 +355,7 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Stat]]]:
         for adapt in ADAPTS:
             per_seed = [r["figures"][adapt] for r in records if adapt in r["figures"]]
             if per_seed:
-                out[method][adapt] = {f: mean_std(row.get(f) for row in per_seed) for f in FIGURES}
+                out[method][adapt] = {f: mean_std(row.get(f) for row in per_seed) for f in FIGURES + ESTIMATE_FIGURES}
     return out
 
 

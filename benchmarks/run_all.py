@@ -27,14 +27,16 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, FIGURE_LABELS,  # noqa: E402
+from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, ESTIMATE_FIGURES, FIGURE_LABELS,  # noqa: E402
                                  FIGURES, METHOD_LABELS, METHODS, RESULTS_DIR, SUITES, format_stat, git_commit,
                                  suite_table, summarize)
+from benchmarks.few_shot import few_shot_table  # noqa: E402
 from benchmarks.loso_sweep import sweep_table  # noqa: E402
 
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 ACCURACY_GLOB = "accuracy-*.json"
 LOSO_GLOB = "loso-*.json"  # benchmarks/loso_sweep.py
+FEW_SHOT_GLOB = "few-shot-*.json"  # benchmarks/few_shot.py
 BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
 EXAMPLE_SEED = "0"  # RESULTS.md lists the crosssim command lines of this seed (other seeds differ in --seed only)
 
@@ -154,6 +156,7 @@ def load_table(load: Mapping[str, Any]) -> list[str]:
 
 def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, Any] | None = None,
                       perf: Mapping[str, Any] | None = None, loso_docs: Sequence[Mapping[str, Any]] = (),
+                      few_shot_docs: Sequence[Mapping[str, Any]] = (),
                       other_files: Sequence[str] = (), generated: str | None = None,
                       commit: Mapping[str, Any] | None = None) -> str:
     """The whole RESULTS.md as text (a pure function of the results, for tests)."""
@@ -173,8 +176,8 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
             "union of the sources (cross-entropy only). The target oracle trains on a labeled half of the "
             "target and is scored on the other half (its `heldout_*` counterparts for every method are in the "
             "JSON). ATC abs. error: |label-free ATC accuracy estimate minus true accuracy| (for local-only, the "
-            "mean absolute error over the sources). Plain = no adaptation; AdaBN / TENT = `crosssim evaluate "
-            "--adapt adabn|tent`.", ""]
+            "mean absolute error over the sources). Plain = no adaptation; AdaBN / TENT / CrossSim-adapt / auto = "
+            "`crosssim evaluate --adapt adabn|tent|crosssim|auto`.", ""]
     if not docs:
         out += ["No accuracy results yet: run `python benchmarks/accuracy.py`.", ""]
     for figure in FIGURES:
@@ -182,6 +185,13 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
             if adapt != "none" and figure != "accuracy":
                 continue  # the overview keeps adaptation for accuracy only; per-suite tables have all
             out += [f"### {FIGURE_LABELS[figure]}, {ADAPT_LABELS[adapt]}", "", overview_table(docs, figure, adapt), ""]
+    out += ["### The deployed model's label-free estimate", "",
+            "`estimated_accuracy` of `crosssim evaluate` for the model it deploys (see `DEPLOYED_ESTIMATOR` in "
+            "`crosssim/evaluate.py`): mean absolute error against the truth, and the fraction of seeds whose "
+            "interval covered the truth.", ""]
+    for figure in ESTIMATE_FIGURES:
+        for adapt in ADAPTS:
+            out += [f"#### {FIGURE_LABELS[figure]}, {ADAPT_LABELS[adapt]}", "", overview_table(docs, figure, adapt), ""]
     for doc in docs:
         name = doc.get("suite", "?")
         out += [f"### {name} ({doc.get('protocol', {}).get('name', '?')}) — `{doc.get('_file', '')}`", "",
@@ -206,6 +216,10 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
                                    for name, o in doc.get("candidates", {}).items())
             out += [f"### {doc.get('study', '?')} on {doc.get('suite', '?')}", "", f"Candidates: {candidates}.", "",
                     sweep_table(doc), ""]
+    if few_shot_docs:
+        out += ["## Few-shot adaptation at the target (`benchmarks/few_shot.py`, not part of `make bench`)", "",
+                "k labeled target images per class (drawn per seed); few-shot and label-free `auto` accuracy on "
+                "the other target images, side by side.", "", *[few_shot_table(doc) for doc in few_shot_docs], ""]
     if other_files:
         out += ["## Other results", "", *[f"- `benchmarks/results/{name}`" for name in other_files], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -231,9 +245,12 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
     docs = load_accuracy_docs(results_dir)
     load, perf = _read_json(results_dir / "load.json"), _read_json(results_dir / "perf.json")
     loso_docs = [doc for path in sorted(results_dir.glob(LOSO_GLOB)) if (doc := _read_json(path)) is not None]
-    known = {d["_file"] for d in docs} | {"load.json", "perf.json"} | {p.name for p in results_dir.glob(LOSO_GLOB)}
+    few_shot_docs = [doc for path in sorted(results_dir.glob(FEW_SHOT_GLOB)) if (doc := _read_json(path)) is not None]
+    known = ({d["_file"] for d in docs} | {"load.json", "perf.json"} | {p.name for p in results_dir.glob(LOSO_GLOB)}
+             | {p.name for p in results_dir.glob(FEW_SHOT_GLOB)})
     others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
-    text = render_results_md(docs, load=load, perf=perf, loso_docs=loso_docs, other_files=others, **kwargs)
+    text = render_results_md(docs, load=load, perf=perf, loso_docs=loso_docs, few_shot_docs=few_shot_docs,
+                             other_files=others, **kwargs)
     Path(out).write_text(text)
     return Path(out)
 

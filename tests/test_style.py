@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from crosssim.style import (STYLE_STATS, StyleEntry, StyleMixer, aggregate_bank, bank_from_arrays, bank_to_arrays,
+from crosssim.style import (StyleEntry, StyleMixer, aggregate_bank, bank_from_arrays, bank_to_arrays,
                             compute_style, layer_channels, mixing_styles, style_layers)
 
 
