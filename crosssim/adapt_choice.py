@@ -76,7 +76,8 @@ def choose_adaptation(model: CrossSimNet, images: torch.Tensor, device: torch.de
             figures = checks[method]
             return AdaptationChoice(candidate, method,
                                     f"{method}: agreement with AdaBN {figures['agreement_with_adabn']:.2f} "
-                                    f">= {AUTO_MIN_AGREEMENT}, effective classes {figures['effective_class_ratio']:.2f} "
+                                    f">= {AUTO_MIN_AGREEMENT}, effective classes "
+                                    f"{figures['effective_class_ratio']:.2f} "
                                     f"x AdaBN's >= {AUTO_MIN_CLASS_RATIO}", checks, reference_probs)
     return AdaptationChoice(reference, "adabn", "fallback: " + "; ".join(
         f"{m} degenerate (agreement {c['agreement_with_adabn']:.2f}, classes x{c['effective_class_ratio']:.2f})"

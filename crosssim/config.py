@@ -60,7 +60,7 @@ class AugmentConfig:
     scanner_low_resolution: float = 0.5  # detector down to a fraction in [1-r, 1] of image-size, then back
     scanner_remap: float = 1.0  # fraction of RandHistogramShift's control-point shift (capped at 1)
     scanner_gin_alpha: float = 1.0  # GIN mixing weight in [0, a] (capped at 1)
-    anchor_view: str = "scanner"  # pair loss: the first view's augmentation (none | basic | scanner); the second: augment
+    anchor_view: str = "scanner"  # pair loss: the first view's augmentation (none | basic | scanner)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """Test-time adaptation at the target (crosssim/adapt.py); read from the checkpoint, ``evaluate --set`` overrides."""
+    """Adaptation at the target (crosssim/adapt.py): from the checkpoint, ``evaluate --set`` overrides."""
 
     tent_steps: int = 10  # TENT gradient steps, one target mini-batch each
     tent_lr: float = 1e-3  # TENT Adam learning rate on BatchNorm affine parameters

@@ -91,7 +91,8 @@ def _summary(data: ReportData) -> str:
         rows.append(("estimated accuracy (DoC)", _fmt(free["doc_estimated_accuracy"])))
         if "agreement_estimated_accuracy" in free:
             rows.append(("agreement with the AdaBN model / its ATC estimate",
-                         f'{_fmt(free["agreement_estimated_accuracy"])} / {_fmt(free.get("adabn_atc_estimated_accuracy"))}'))
+                         f'{_fmt(free["agreement_estimated_accuracy"])} / '
+                         f'{_fmt(free.get("adabn_atc_estimated_accuracy"))}'))
         rows.append(("source validation accuracy", _fmt(free["source_val_accuracy"])))
     else:
         rows.append(("estimated accuracy", "n/a: the checkpoint carries no source statistics"))

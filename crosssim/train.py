@@ -76,7 +76,8 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     """Train ``model`` in place with ``CE + λ·(L_sim + L_pair)`` (+ FedProx term when ``global_params``).
 
     With the pair loss (``crosssim.method.uses_pair_loss``) every batch is rendered twice, the anchor view
-    (``anchor-view``) and a random scanner's view (``augment``), and both views train: CE on both, the prototype term on both, the pair term between them. With ``styles``
+    (``anchor-view``) and a random scanner's view (``augment``), and both views train: CE on both, the
+    prototype term on both, the pair term between them. With ``styles``
     (other sites' style entries) the first style layers mix toward them (``crosssim.style``).
     ``epoch_end(epoch)`` may return refreshed (prototypes, λ) for the next epoch (pooled training
     recomputes them each epoch).

@@ -71,7 +71,8 @@ def test_evaluate_never_modifies_the_source_checkpoint(eval_tiny_run, tmp_path, 
     digest = _sha256(eval_tiny_run.checkpoint)
     saved = tmp_path / "adapted.pt"
     metrics = evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "out", adapt=method,
-                            adapt_overrides={"tent-steps": 2}, save_adapted=saved, cache_dir=eval_tiny_run.cache_dir, progress=None)
+                            adapt_overrides={"tent-steps": 2}, save_adapted=saved,
+                            cache_dir=eval_tiny_run.cache_dir, progress=None)
     assert _sha256(eval_tiny_run.checkpoint) == digest
     adapted = load_checkpoint(saved)
     used = metrics["adaptation"]["method"]
