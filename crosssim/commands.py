@@ -35,6 +35,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from crosssim.certs import write_certificates
+
+    files = write_certificates(args.folder, args.host)
+    print(f"wrote {files.ca} (to every hospital: crosssim client --root-certificates {files.ca}), "
+          f"{files.server_cert} and {files.server_key} (crosssim server --tls-dir {files.folder}); "
+          f"keep {files.folder}/ca.key offline")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from crosssim.data.check import run_check
 
@@ -97,6 +107,16 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     evaluate.add_argument("--save-adapted", metavar="FILE",
                           help="write the deployed (adapted or few-shot) model as a checkpoint; never the input")
     evaluate.set_defaults(handler=_evaluate)
+
+    certs = subparsers.add_parser(
+        "certs", help="write a private CA and a SuperLink certificate for TLS (no openssl needed)",
+        description="Write FOLDER/ca.pem, ca.key, server.pem and server.key (ECDSA P-256). The server "
+                    "certificate's subject alternative names are the given hosts (DNS names or IP addresses): "
+                    "every name hospitals use to reach the server. Never overwrites existing files.")
+    certs.add_argument("folder", help="output folder (created; must not hold certificates already)")
+    certs.add_argument("--host", nargs="+", required=True, metavar="NAME",
+                       help="names and IPs hospitals connect to, e.g. --host fl.example.org 10.0.0.5 127.0.0.1")
+    certs.set_defaults(handler=_certs)
 
     check = subparsers.add_parser(
         "check", parents=[common], help="scan a site folder before joining: usable images, skips, labels, privacy",

@@ -16,9 +16,21 @@ import time
 from pathlib import Path
 
 from crosssim.boundary import FLWR_HOME_DIRNAME, OUT_KEY, RESUME_KEY, SUPERLINK_LOG_NAME, final_checkpoint
+from crosssim.certs import TlsFiles
 from crosssim.config import CrossSimConfig, to_run_config
-from crosssim.processes import (Children, LaunchError, describe_command, flower_env, key_values, local_address,
-                                require_free_port, require_pem, stop_on_sigterm, toml_string, wait_for_port)
+from crosssim.processes import (
+    Children,
+    LaunchError,
+    describe_command,
+    flower_env,
+    key_values,
+    local_address,
+    require_free_port,
+    require_pem,
+    stop_on_sigterm,
+    toml_string,
+    wait_for_port,
+)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only; 0.0.0.0 accepts hospitals on other machines
 DEFAULT_SUPERLINK_PORT = 8000  # Flower's default: one HTTP port for the Fleet, Control and Runtime APIs
@@ -43,6 +55,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     security = parser.add_argument_group("transport security")
     security.add_argument("--insecure", action="store_true", default=True,
                           help="plain HTTP (the default until TLS certificates are given)")
+    security.add_argument("--tls-dir", metavar="DIR", help="TLS with the ca.pem, server.pem and server.key that "
+                          "`crosssim certs DIR --host NAME` wrote (hospitals then pass --root-certificates DIR/ca.pem)")
     security.add_argument("--ssl-ca-certfile", metavar="FILE", help="CA certificate (enables TLS with the two below)")
     security.add_argument("--ssl-certfile", metavar="FILE", help="SuperLink certificate (its SAN must cover --host)")
     security.add_argument("--ssl-keyfile", metavar="FILE", help="SuperLink private key")
@@ -60,6 +74,11 @@ def default_app_root() -> Path:
 
 def _tls_files(args: argparse.Namespace) -> tuple[str, str, str] | None:
     files = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
+    if args.tls_dir:
+        if any(files):
+            raise LaunchError("give either --tls-dir or the three --ssl-* files, not both")
+        tls = TlsFiles(Path(args.tls_dir))
+        return str(tls.ca), str(tls.server_cert), str(tls.server_key)
     if not any(files):
         return None
     if not all(files):

@@ -1,4 +1,4 @@
-"""A real deployment on loopback: `crosssim server` (SuperLink) and two `crosssim client` (SuperNodes)."""
+"""A real deployment on loopback over TLS: `crosssim server` (SuperLink) and two `crosssim client` (SuperNodes)."""
 
 import json
 import os
@@ -82,18 +82,20 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process accounting reads /proc")
 @pytest.mark.e2e
-def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, capsys):
+def test_superlink_and_two_supernodes_run_two_rounds_over_tls(tmp_path, capsys):
     hospitals = generate_hospitals(tmp_path / "sites", images_per_site=12, image_size=32)
     link_port, node_ports, local_ports = (lambda p: (p[0], p[1:3], p[3:]))(free_ports(5))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(local_ports[0]),
            "FLWR_LOCAL_CONTROL_API_PORT": str(local_ports[1])}
-    run = tmp_path / "run"
+    run, tls = tmp_path / "run", tmp_path / "tls"
+    assert crosssim_main(["certs", str(tls), "--host", "127.0.0.1", "localhost"]) == 0  # the whole run is TLS
     # min-count through Flower's own --run-config: the sites apply it to the class counts they report
     server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", 2, *TINY,
-                     "--run-config", f"min-count={RUN_CONFIG_MIN_COUNT}"], env, tmp_path / "server.log")
+                     "--tls-dir", tls, "--run-config", f"min-count={RUN_CONFIG_MIN_COUNT}"], env,
+                    tmp_path / "server.log")
     clients = [launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
-                       "--cache", tmp_path / f"cache-{i}"], {**env, "FLWR_HOME": str(tmp_path / f"flwr-{i}")},
-                      tmp_path / f"client-{i}.log")
+                       "--cache", tmp_path / f"cache-{i}", "--root-certificates", tls / "ca.pem"],
+                      {**env, "FLWR_HOME": str(tmp_path / f"flwr-{i}")}, tmp_path / f"client-{i}.log")
                for i, (site, port) in enumerate(zip(hospitals.source_sites[:2], node_ports))]
     spawned: set[tuple[int, int]] = set()
     try:
