@@ -336,6 +336,40 @@ class Stat:
     n: int
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """Method A − method B on the same seeds: mean ± std, wins / losses / ties and the sign-test p-value."""
+
+    differences: tuple[float, ...]
+    stat: Stat
+    wins: int
+    losses: int
+    sign_test_p: float | None  # two-sided exact binomial test on wins vs losses (ties dropped)
+
+
+def sign_test_p(wins: int, losses: int) -> float | None:
+    """Two-sided exact sign test: P(a split at least this uneven | each non-tied seed a fair coin)."""
+    n = wins + losses
+    if n == 0:
+        return None
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(doc: Mapping[str, Any], method_a: str, method_b: str, adapt: str,
+                      figure: str = "accuracy") -> PairedDifference | None:
+    """``method_a − method_b`` of ``figure`` at ``adapt``, over the seeds both finished; None when none did."""
+    differences = []
+    for by_method in doc.get("runs", {}).values():
+        rows = [by_method.get(m, {}).get("figures", {}).get(adapt, {}).get(figure) for m in (method_a, method_b)]
+        if all(v is not None for v in rows):
+            differences.append(float(rows[0]) - float(rows[1]))
+    if not differences:
+        return None
+    wins, losses = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    return PairedDifference(tuple(differences), mean_std(differences), wins, losses, sign_test_p(wins, losses))
+
+
 def mean_std(values: Iterable[float | None]) -> Stat:
     present = [float(v) for v in values if v is not None]
     if not present:

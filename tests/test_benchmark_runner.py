@@ -257,3 +257,15 @@ def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
     full = run_all.bench_steps(run_all.parse_args(["--full", "--resume", "--seeds", "2"]), python="py")
     assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--resume"]
     assert full[1][2] == "--full"
+
+
+def test_paired_difference_pairs_by_seed_with_an_exact_sign_test() -> None:
+    runs = {str(seed): {"crosssim": {"figures": {"none": {"accuracy": a}}},
+                        "fedavg": {"figures": {"none": {"accuracy": b}}}}
+            for seed, (a, b) in enumerate([(0.7, 0.6), (0.8, 0.6), (0.5, 0.6), (0.6, 0.6)])}
+    paired = acc.paired_difference({"runs": runs}, "crosssim", "fedavg", "none")
+    assert paired.differences == pytest.approx((0.1, 0.2, -0.1, 0.0))
+    assert (paired.wins, paired.losses) == (2, 1)
+    assert paired.sign_test_p == pytest.approx(1.0)  # 2 vs 1: as even as 3 coins get
+    assert acc.sign_test_p(5, 0) == pytest.approx(2 / 32)
+    assert acc.paired_difference({"runs": runs}, "crosssim", "fedavg", "adabn") is None
