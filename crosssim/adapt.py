@@ -8,7 +8,8 @@ are the target's (eval mode then reproduces TENT's normalization by target stati
 CrossSim (in the manner of SHOT, Liang et al., ICML 2020): AdaBN, then the feature layers (backbone) train
 on the target's images with the classifier head and the projection frozen. Loss: mean per-image entropy
 + w_div · KL(mean prediction ‖ the sources' class prevalence) + w_pseudo · cross-entropy to pseudo-labels
-by nearest class centroid in embedding space (cosine); the centroids start from the federation's global
+by nearest class centroid in embedding space (cosine), kept only where the classifier agrees (the guard
+against a classifier that beats its own centroids); the centroids start from the federation's global
 prototypes and are re-estimated on the target each epoch. Then AdaBN again.
 Few-shot: AdaBN, then BatchNorm affine parameters and the classifier head train on the k labeled shots
 plus the other target images pseudo-labeled by centroids that combine the shots with the prototypes.
@@ -30,6 +31,7 @@ from crosssim.prototypes import Prototypes
 
 CENTROID_ITERATIONS = 2  # nearest-centroid assignments (k-means steps) per pseudo-labelling
 PRIOR_FLOOR = 1e-3  # smallest class prevalence the diversity term compares against
+IGNORE_LABEL = -1  # a pseudo-label dropped because centroid and classifier disagree
 
 
 @torch.no_grad()
@@ -111,10 +113,16 @@ def tent(model: nn.Module, images: torch.Tensor, device: torch.device, *, steps:
 
 
 @torch.no_grad()
-def _embeddings(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _forward_all(model: nn.Module, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode (logits, embeddings) of every image, on ``device``."""
     model.eval()
-    return torch.cat([model(images[s:s + INFERENCE_BATCH_SIZE].to(device))[1].float()
-                      for s in range(0, len(images), INFERENCE_BATCH_SIZE)])
+    outputs = [model(images[start:start + INFERENCE_BATCH_SIZE].to(device))
+               for start in range(0, len(images), INFERENCE_BATCH_SIZE)]
+    return torch.cat([o[0].float() for o in outputs]), torch.cat([o[1].float() for o in outputs])
+
+
+def _embeddings(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return _forward_all(model, images, device)[1]
 
 
 def nearest_centroid_labels(embeddings: torch.Tensor, centroids: torch.Tensor,
@@ -170,7 +178,9 @@ def crosssim_adapt(model: CrossSimNet, images: torch.Tensor, device: torch.devic
     steps_per_epoch = max(1, -(-len(images) // ADAPT_BATCH_SIZE))
     with _Trainable(model, backbone):
         for _ in range(settings.shot_epochs):
-            pseudo, centroids = nearest_centroid_labels(_embeddings(model, images, device), centroids, present)
+            logits_all, embeddings = _forward_all(model, images, device)
+            pseudo, centroids = nearest_centroid_labels(embeddings, centroids, present)
+            pseudo[pseudo != logits_all.argmax(1)] = IGNORE_LABEL  # only where centroid and classifier agree
             model.train()
             for index in _batches(len(images), ADAPT_BATCH_SIZE, steps_per_epoch, generator):
                 logits, _ = model(images[index].to(device))
@@ -178,11 +188,17 @@ def crosssim_adapt(model: CrossSimNet, images: torch.Tensor, device: torch.devic
                 mean_probs = log_probs.exp().mean(0)
                 diversity = (mean_probs * (mean_probs.clamp(min=1e-8).log() - log_prior)).sum()
                 loss = (_entropy_loss(logits) + settings.shot_diversity_weight * diversity
-                        + settings.shot_pseudo_weight * F.nll_loss(log_probs, pseudo[index.to(device)]))
+                        + settings.shot_pseudo_weight * _pseudo_loss(log_probs, pseudo[index.to(device)]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
     return adabn(model, images, device)
+
+
+def _pseudo_loss(log_probs: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the pseudo-labels that are kept; zero when a batch keeps none."""
+    kept = pseudo != IGNORE_LABEL
+    return F.nll_loss(log_probs[kept], pseudo[kept]) if bool(kept.any()) else log_probs.sum() * 0.0
 
 
 def few_shot_centroids(shot_embeddings: torch.Tensor, shot_labels: torch.Tensor,
