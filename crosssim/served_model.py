@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from crosssim.data.dicom import read_image
-from crosssim.export import INPUT_NAME, OUTPUT_NAMES, ManifestError, load_manifest
+from crosssim.export import INPUT_NAME, OUTPUT_NAMES, ManifestError, load_manifest, sha256_of
 from crosssim.prototypes import Prototypes
 from crosssim.shift import prototype_distances
 
@@ -63,9 +63,14 @@ class ServedModel:
         path = Path(model_dir) / entry["file"]
         if not path.is_file():
             raise ManifestError(f"{path}: model file listed in the manifest is missing")
+        if sha256_of(path) != entry["sha256"]:
+            raise ManifestError(f"{path}: sha256 differs from the manifest's (file replaced or damaged; export again)")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind types for a bad model file
+            raise ManifestError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__})") from None
         self.data_config = self.manifest.data_config()
         self.prototypes = Prototypes(torch.tensor(self.manifest.prototype_vectors, dtype=torch.float32),
                                      torch.tensor(self.manifest.prototype_counts, dtype=torch.int64))
