@@ -13,7 +13,7 @@ Every variant runs in ``--threads`` threads (default 1: on a shared 2-core machi
 contend). Requests/s and p50/p95 latency of each, with ratios vs the PyTorch baseline; then accuracy on the labeled
 target of PyTorch, float and int8 ONNX and the int8-vs-float agreement. Writes benchmarks/results/serve.json.
 
-    .venv/bin/python benchmarks/serve.py [--requests 200] [--images-per-site 64] [--epochs 5]
+    .venv/bin/python benchmarks/serve.py [--requests 200] [--images-per-site 96] [--epochs 15] [--threads 1]
 """
 
 from __future__ import annotations
@@ -135,9 +135,9 @@ def accuracies(checkpoint: Path, folder: Path, target: Path, labels: Path, cache
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="timed requests per variant")
-    parser.add_argument("--images-per-site", type=int, default=64)
+    parser.add_argument("--images-per-site", type=int, default=96)
     parser.add_argument("--image-size", type=int, default=64, help="pixels a side, files and model input")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads of every variant")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
