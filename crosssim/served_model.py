@@ -8,6 +8,8 @@ and evaluation use. Per-image alarms:
 - ``far_from_prototypes``: the embedding's ``1 − cos`` to the nearest present global prototype exceeds
   ``factor × reference``, the reference being the sources' mean of that distance and the factor the one
   ``crosssim.shift`` raises the site-level alarm with. None when the checkpoint carries no reference.
+  For an adapted export the embedding is the adapted model's while prototypes and reference are the
+  federation's, as the site-level alarm of ``crosssim evaluate`` would not be (it uses the unadapted model).
 """
 
 from __future__ import annotations
