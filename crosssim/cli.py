@@ -19,7 +19,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 # Modules that add sub-commands with ``add_commands(subparsers, common)``; none imports Flower at import time.
-COMMAND_MODULES = ("crosssim.commands", "server.commands", "client.commands")
+COMMAND_MODULES = ("crosssim.commands", "crosssim.serve_commands", "server.commands", "client.commands")
 
 
 def parse_set(values: Sequence[str]) -> dict[str, str]:

@@ -36,13 +36,20 @@ from crosssim.train import infer
 ALARM_FACTORS = {"prototype_distance": 1.5, "bn_drift": 2.0}
 
 
-def prototype_distance(embeddings: torch.Tensor, prototypes: Prototypes) -> float:
-    """Mean ``1 − cos`` from each embedding (N, d) to its nearest present prototype; NaN without any."""
+def prototype_distances(embeddings: torch.Tensor, prototypes: Prototypes) -> torch.Tensor:
+    """``1 − cos`` from each embedding (N, d) to its nearest present prototype, (N,); NaN without any."""
     present = prototypes.present
-    if not bool(present.any()) or len(embeddings) == 0:
-        return float("nan")
+    if not bool(present.any()):
+        return torch.full((len(embeddings),), float("nan"))
     cosine = F.normalize(embeddings.float(), dim=1) @ F.normalize(prototypes.vectors[present].float(), dim=1).T
-    return float((1.0 - cosine.max(1).values).mean())
+    return 1.0 - cosine.max(1).values
+
+
+def prototype_distance(embeddings: torch.Tensor, prototypes: Prototypes) -> float:
+    """Mean of ``prototype_distances`` over the images; NaN without images or prototypes."""
+    if len(embeddings) == 0:
+        return float("nan")
+    return float(prototype_distances(embeddings, prototypes).mean())
 
 
 class _ChannelMoments:

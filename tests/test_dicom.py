@@ -307,6 +307,12 @@ def unsupported_syntax(tmp_path: Path) -> Path:
     return save(ds, tmp_path / "video.dcm")
 
 
+def hsv_colour(tmp_path: Path) -> Path:
+    ds = make_dataset(np.zeros((8, 8, 3), dtype="uint8"), photometric="RGB")
+    ds.PhotometricInterpretation = "HSV"  # retired colour model: must not be read as RGB
+    return save(ds, tmp_path / "hsv.dcm")
+
+
 SKIP_CASES = [
     ("truncated", truncated, REFUSED, "truncated pixel data (expected 8192 bytes"),
     ("truncated-rle", truncated_rle, REFUSED, "truncated RLE Lossless pixel data"),
@@ -317,6 +323,7 @@ SKIP_CASES = [
     ("zero-size", zero_size, REFUSED, "zero-size image"),
     ("mpeg2", unsupported_syntax, REFUSED, "unsupported transfer syntax MPEG2 Main Profile / Main Level"),
     ("missing", lambda tmp: tmp / "gone.dcm", REFUSED, "cannot read file"),
+    ("hsv", hsv_colour, REFUSED, "unsupported photometric interpretation HSV"),
 ]
 
 
@@ -328,6 +335,13 @@ def test_skipped_files(tmp_path: Path, name: str, build, kind: str, reason: str)
     exc = info.value
     assert (exc.kind, exc.path) == (kind, str(path))
     assert reason in exc.reason and str(exc) == f"{path}: {exc.reason}" and "\n" not in str(exc)
+
+
+def test_bytes_in_memory_read_as_the_file_and_errors_carry_the_given_name(tmp_path: Path) -> None:
+    path = save(make_dataset(gradient("uint16", 0, 4095), bits_stored=12), tmp_path / "a.dcm")
+    np.testing.assert_array_equal(read_image(path.read_bytes(), EXACT), read_image(path, EXACT))
+    with pytest.raises(SkippedFile, match=r"^upload: not a DICOM file$"):
+        read_image(b"patient list\n", EXACT, name="upload")
 
 
 def test_skipped_file_pickles() -> None:

@@ -1,8 +1,9 @@
 """Read one DICOM file into the float32 image every CrossSim stage uses (DESIGN.md, "The data contract").
 
-``read_image(path, cfg)`` is the only way a DICOM file becomes a model input: training, evaluation,
-adaptation and ``crosssim check`` all call it, so a site sees the same pixels in every stage. A file that
-yields no image raises :class:`SkippedFile`; no other exception escapes ``read_image``.
+``read_image(source, cfg)`` is the only way a DICOM file becomes a model input: training, evaluation,
+adaptation, ``crosssim check`` and ``crosssim serve`` (the file's bytes, in memory) all call it, so a site
+sees the same pixels in every stage. A file that yields no image raises :class:`SkippedFile`; no other
+exception escapes ``read_image``.
 
 Preprocessing, in order:
 
@@ -24,6 +25,7 @@ Preprocessing, in order:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -50,6 +52,11 @@ LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation"
                 "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
                 "VOILUTSequence")  # what pydicom's Modality/VOI LUT functions read
 MAX_REASON_CHARS = 160  # a skip reason is one short line
+# Colour models step 2 turns into grayscale, and the two grayscale ones; anything else (HSV, ARGB, CMYK,
+# MONOCHROME3, ...) is refused rather than read as if it were RGB or grayscale.
+SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                         "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
+DicomSource = Path | bytes  # a file on disk, or a whole file's bytes in memory (an upload to `crosssim serve`)
 _ENCODING_TO_SYNTAX = {  # (implicit VR, little endian) of a file without a Transfer Syntax UID
     (True, True): ImplicitVRLittleEndian,
     (False, True): ExplicitVRLittleEndian,
@@ -137,18 +144,31 @@ def _looks_like_dataset(ds: pydicom.Dataset) -> bool:
     return "SOPClassUID" in ds or ("Rows" in ds and any(k in ds for k in PIXEL_KEYWORDS))
 
 
-def read_dataset(path: Path) -> pydicom.Dataset:
-    """Read a DICOM file (read-only); files without the preamble/meta header are retried with force.
+def _opened(source: DicomSource) -> Path | io.BytesIO:
+    """What ``pydicom.dcmread`` reads: the path itself, or a fresh in-memory stream over the bytes."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _label(source: DicomSource, name: str) -> str:
+    """How errors name ``source``: ``name`` when given, else the path (``<bytes>`` for unnamed bytes)."""
+    return name or ("<bytes>" if isinstance(source, bytes) else str(source))
+
+
+def read_dataset(source: DicomSource, name: str = "") -> pydicom.Dataset:
+    """Read a DICOM file or its bytes (read-only); data without the preamble/meta header is retried with force.
+
+    ``name`` labels errors (default: the path; give one for bytes).
 
     Raises:
-        SkippedFile: ``refused`` when the file cannot be read or is not DICOM.
+        SkippedFile: ``refused`` when the data cannot be read or is not DICOM.
     """
+    path = _label(source, name)
     try:
         with _quiet():
             try:
-                ds = pydicom.dcmread(path)
+                ds = pydicom.dcmread(_opened(source))
             except InvalidDicomError:
-                ds = pydicom.dcmread(path, force=True)
+                ds = pydicom.dcmread(_opened(source), force=True)
                 if not _looks_like_dataset(ds):
                     raise SkippedFile(path, "not a DICOM file", REFUSED) from None
     except SkippedFile:
@@ -158,14 +178,14 @@ def read_dataset(path: Path) -> pydicom.Dataset:
     except Exception as exc:  # pydicom raises many types on malformed input
         raise SkippedFile(path, f"unreadable DICOM ({_short(exc)})", REFUSED) from None
     if len(ds) == 0:  # pydicom drops the whole dataset when the file ends inside encapsulated pixel data
-        raise SkippedFile(path, _empty_dataset_reason(path, ds), REFUSED)
+        raise SkippedFile(path, _empty_dataset_reason(source, ds), REFUSED)
     return ds
 
 
-def _empty_dataset_reason(path: Path, ds: pydicom.Dataset) -> str:
+def _empty_dataset_reason(source: DicomSource, ds: pydicom.Dataset) -> str:
     try:
         with _quiet():
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = pydicom.dcmread(_opened(source), stop_before_pixels=True)
     except Exception:
         header = pydicom.Dataset()
     syntax = _transfer_syntax(ds)
@@ -227,6 +247,9 @@ def _check_image(ds: pydicom.Dataset, path: str) -> UID:
         raise SkippedFile(path, f"invalid Number of Frames {str(frames)!r}", REFUSED)
     if int(ds.SamplesPerPixel) not in (1, 3):
         raise SkippedFile(path, f"unsupported samples per pixel ({ds.SamplesPerPixel})", REFUSED)
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise SkippedFile(path, f"unsupported photometric interpretation {photometric}", REFUSED)
     syntax = _transfer_syntax(ds)
     if syntax is None:
         raise SkippedFile(path, "no transfer syntax (file meta lacks (0002,0010))", REFUSED)
@@ -385,8 +408,12 @@ def skip_on_error(path: str | os.PathLike[str]) -> Iterator[None]:
         raise SkippedFile(path, f"unexpected error ({type(exc).__name__}: {_short(exc)})", REFUSED) from None
 
 
-def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
-    """Read and preprocess one file: float32 ``(1, S, S)``; any failure is a :class:`SkippedFile`."""
+def read_image(source: DicomSource, cfg: DataConfig, name: str = "") -> np.ndarray:
+    """Read and preprocess one file or its bytes: float32 ``(1, S, S)``; any failure is a :class:`SkippedFile`.
+
+    ``name`` labels errors (default: the path; give one for bytes).
+    """
+    path = _label(source, name)
     with skip_on_error(path):
-        return preprocess(read_dataset(path), cfg, str(path))
+        return preprocess(read_dataset(source, path), cfg, path)
 
