@@ -60,7 +60,7 @@ class AugmentConfig:
     scanner_low_resolution: float = 0.5  # detector down to a fraction in [1-r, 1] of image-size, then back
     scanner_remap: float = 1.0  # fraction of RandHistogramShift's control-point shift (capped at 1)
     scanner_gin_alpha: float = 1.0  # GIN mixing weight in [0, a] (capped at 1)
-    anchor_view: str = "scanner"  # pair loss: the first view's augmentation (none | basic | scanner)
+    anchor_view: str = "auto"  # pair loss: the first view's augmentation (auto = augment's | none | basic | scanner)
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def validate(cfg: CrossSimConfig) -> None:
     choices = {
         "normalize": (cfg.data.normalize, ("minmax", "zscore")),
         "augment": (cfg.augment.augment, AUGMENT_MODES),
-        "anchor-view": (cfg.augment.anchor_view, ("none", "basic", "scanner")),
+        "anchor-view": (cfg.augment.anchor_view, ("auto", "none", "basic", "scanner")),
         "frame": (cfg.data.frame, ("middle", "first", "last", "max", "mean")),
         "backbone": (cfg.model.backbone, ("seed-cnn", "resnet18", "densenet121")),
         "schedule": (cfg.train.schedule, ("cosine", "plateau", "constant")),

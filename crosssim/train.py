@@ -90,7 +90,7 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loader = make_loader(images, labels, cfg.train.batch_size, seed, device)
     augment, augment_generator = resolve_augment(cfg), torch.Generator().manual_seed(seed + 1)
-    anchor = dataclasses.replace(augment, augment=augment.anchor_view)
+    anchor = augment if augment.anchor_view == "auto" else dataclasses.replace(augment, augment=augment.anchor_view)
     anchors = None if global_params is None else {k: v.to(device) for k, v in global_params.items()}
     two_views = uses_pair_loss(cfg)
     mixer = StyleMixer(styles, cfg.method.style_mix_probability, cfg.method.style_alpha, seed + 2) \

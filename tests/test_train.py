@@ -115,7 +115,7 @@ def test_site_round_sends_batchnorm_statistics_of_its_final_weights_on_unaugment
     assert torch.allclose(first_bn.running_var, inputs.var(1, unbiased=True), rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("anchor", ["none", "basic", "scanner"])
+@pytest.mark.parametrize("anchor", ["auto", "none", "basic", "scanner"])
 def test_pair_loss_renders_the_anchor_view_then_a_scanner_view(monkeypatch, anchor):
     import crosssim.train as train_module
 
@@ -126,5 +126,6 @@ def test_pair_loss_renders_the_anchor_view_then_a_scanner_view(monkeypatch, anch
         return augment_batch(x, cfg, generator)
 
     monkeypatch.setattr(train_module, "augment_batch", recording)
-    _train(_cfg(**{"anchor-view": anchor}))  # strategy crosssim: augment auto = scanner, pair loss on
-    assert modes and [m for m, _ in modes] == [anchor, "scanner"] * (len(modes) // 2)  # per batch: anchor, scanner
+    _train(_cfg(**{"anchor-view": anchor, "augment": "scanner"}))  # strategy crosssim: pair loss on
+    first = "scanner" if anchor == "auto" else anchor
+    assert modes and [m for m, _ in modes] == [first, "scanner"] * (len(modes) // 2)  # per batch: anchor, scanner
