@@ -4,7 +4,7 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
 
 1. client training throughput: ``crosssim.train.train_local`` vs a bare PyTorch loop (same CrossSimNet,
    same in-memory tensors, same batch size, plain CE + Adam, no augmentation), with ``augment`` none,
-   basic and scanner and with CrossSim's default (augment auto = scanner, λ > 0 with prototypes); repeats
+   basic and scanner and with CrossSim's default (two basic views, λ > 0 with prototypes); repeats
    interleaved, the best of them reported (the least disturbed on a shared machine; medians in the JSON),
    in ``--threads`` torch threads (default 1), and the CrossSim default once more in torch's default
    thread count; the augmentation's cost as training-step times: scanner vs basic vs none;
@@ -60,7 +60,7 @@ from benchmarks.load import measure as measure_site_load
 from client.app import app as client_app
 from crosssim.boundary import (ARRAYS_RECORD, CONFIG_RECORD, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, ROUNDS_LOG_NAME,
                                SERVER_ROUND)
-from crosssim.config import CrossSimConfig, load_config, resolve_augment
+from crosssim.config import CrossSimConfig, load_config
 from crosssim.data.sites import load_site
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
@@ -212,7 +212,7 @@ def throughput(report: Report, site: LocalSite, sizes: Sizes, threads: int, defa
     modes = ("none", "basic", "scanner")
     by_mode = {mode: f"train_local, augment {mode}, λ=0" for mode in modes}
     default_name = (f"train_local default (augment {cfg_default.augment.augment} = "
-                    f"{resolve_augment(cfg_default).augment}, λ={lambda_sim:g} + prototypes)")
+                    f"pair views, λ={lambda_sim:g} + prototypes)")
     bare_name = "bare loop (CE + Adam)"
     variants: dict[str, Callable[[torch.nn.Module], None]] = {
         bare_name: lambda model: bare_loop(model.to(device), x, y, epochs=sizes.epochs, batch_size=batch,

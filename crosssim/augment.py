@@ -52,11 +52,10 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
 
     Random draws come from ``generator`` (CPU) so a seed reproduces the same view on any device; each call
     draws anew, so two calls on one generator give two independent views (for scanner: two scanners).
-    ``auto`` depends on the strategy: pass ``config.resolve_augment(cfg)``.
     """
     if cfg.augment == "none":
         return x
     if cfg.augment not in ("basic", "scanner"):
-        raise ValueError(f"augment {cfg.augment!r}: resolve it with crosssim.config.resolve_augment first")
+        raise ValueError(f"augment {cfg.augment!r}: expected none, basic or scanner")
     x = _geometric(x, cfg, generator)
     return _basic_intensity(x, cfg, generator) if cfg.augment == "basic" else scanner_view(x, cfg, generator)

@@ -34,7 +34,7 @@ class DataConfig:
     cache_dir: str = ""  # empty: ~/.cache/crosssim
 
 
-AUGMENT_MODES = ("auto", "none", "basic", "scanner")
+AUGMENT_MODES = ("none", "basic", "scanner")
 # Values of keys whose type changed, as old configs and checkpoints (``to_flat``) still hold them.
 LEGACY_VALUES = {"augment": {"true": "basic", "false": "none"}}
 
@@ -43,7 +43,7 @@ LEGACY_VALUES = {"augment": {"true": "basic", "false": "none"}}
 class AugmentConfig:
     """Augmentation of training batches only (crosssim/augment.py); ``scanner-*`` ranges: crosssim/scanner.py."""
 
-    augment: str = "auto"  # auto (see resolve_augment) | none | basic | scanner; true/false = basic/none
+    augment: str = "basic"  # none | basic | scanner (crosssim/scanner.py); true/false = basic/none
     rotate_deg: float = 5.0
     zoom_fraction: float = 0.05
     flip_probability: float = 0.5
@@ -283,14 +283,6 @@ def _validate_augment(augment: AugmentConfig) -> None:
             raise ConfigError(f"config key '{_kebab(name)}': must be in [0, 1]")
     if augment.scanner_low_resolution >= 1:
         raise ConfigError("config key 'scanner-low-resolution': must be in [0, 1)")
-
-
-def resolve_augment(cfg: CrossSimConfig) -> AugmentConfig:
-    """The one place ``augment = "auto"`` is decided: scanner views for strategy crosssim, basic for baselines."""
-    if cfg.augment.augment != "auto":
-        return cfg.augment
-    mode = "scanner" if cfg.method.strategy == "crosssim" else "basic"
-    return dataclasses.replace(cfg.augment, augment=mode)
 
 
 def to_nested(cfg: CrossSimConfig) -> dict[str, Any]:

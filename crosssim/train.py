@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from crosssim.augment import augment_batch
-from crosssim.config import CrossSimConfig, TrainConfig, resolve_augment
+from crosssim.config import CrossSimConfig, TrainConfig
 from crosssim.losses import consistency_loss, pair_loss, proximal_term, similarity_loss
 from crosssim.method import uses_pair_loss, uses_style_bank
 from crosssim.model import INFERENCE_BATCH_SIZE
@@ -89,7 +89,7 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loader = make_loader(images, labels, cfg.train.batch_size, seed, device)
-    augment, augment_generator = resolve_augment(cfg), torch.Generator().manual_seed(seed + 1)
+    augment, augment_generator = cfg.augment, torch.Generator().manual_seed(seed + 1)
     anchor = augment if augment.anchor_view == "auto" else dataclasses.replace(augment, augment=augment.anchor_view)
     anchors = None if global_params is None else {k: v.to(device) for k, v in global_params.items()}
     two_views = uses_pair_loss(cfg)

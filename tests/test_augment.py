@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from monai.transforms import AdjustContrast
 
 from crosssim.augment import augment_batch
-from crosssim.config import AugmentConfig, ConfigError, CrossSimConfig, apply_overrides, resolve_augment, to_flat
+from crosssim.config import AugmentConfig, ConfigError, CrossSimConfig, apply_overrides, to_flat
 from crosssim.scanner import (BIAS_DEGREE, SCANNER_OPS, _legendre, adjust_contrast, gaussian_smooth, random_bias_field,
                               random_blur, random_gamma, random_gaussian_noise, random_gin, random_low_resolution,
                               random_remap, random_rician_noise, random_sharpen, resampling_matrices)
@@ -191,21 +191,11 @@ def test_basic_is_bit_identical_to_the_augmentation_before_scanner_views(seed):
         assert torch.equal(augment_batch(x, cfg, first), _augment_batch_at_fff7df1(x, cfg, expected))
 
 
-def test_none_returns_the_batch_and_auto_must_be_resolved_first():
+def test_none_returns_the_batch():
     x = _images()
     assert augment_batch(x, _cfg(augment="none"), torch.Generator()) is x
-    with pytest.raises(ValueError, match="resolve_augment"):
-        augment_batch(x, _cfg(), torch.Generator())
 
 
-@pytest.mark.parametrize("augment,strategy,resolved", [
-    ("auto", "crosssim", "scanner"), ("auto", "fedavg", "basic"), ("auto", "fedprox", "basic"),
-    ("auto", "fedbn", "basic"), ("basic", "crosssim", "basic"), ("scanner", "fedavg", "scanner"),
-    ("none", "crosssim", "none"),
-])
-def test_resolve_augment(augment, strategy, resolved):
-    cfg = apply_overrides(CrossSimConfig(), {"augment": augment, "strategy": strategy})
-    assert resolve_augment(cfg) == apply_overrides(cfg, {"augment": resolved}).augment
 
 
 def test_two_scanner_views_of_one_batch_differ_and_a_seed_repeats_them():
