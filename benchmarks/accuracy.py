@@ -90,6 +90,7 @@ FEDERATED_METHODS: dict[str, list[str]] = {  # method → crosssim simulate flag
                             "--set", "style-mix-probability=0"],
     "crosssim-pairs": ["--strategy", "crosssim", "--set", "style-mix-probability=0"],
     "crosssim": ["--strategy", "crosssim"],
+    "crosssim-scanner": ["--strategy", "crosssim", "--set", "augment=scanner"],
     "crosssim-target": ["--strategy", "crosssim", "--target", TARGET_SITE_TOKEN],
     "crosssim-contrastive": ["--strategy", "crosssim", "--set", "similarity=contrastive"],
 }
@@ -97,8 +98,9 @@ METHODS = ("local-only", "pooled", *FEDERATED_METHODS, "oracle")
 METHOD_LABELS = {"local-only": "local-only (mean over sources)", "pooled": "pooled (centralized bound)",
                  "fedavg-scanner": "fedavg + scanner views",
                  "crosssim-prototypes": "crosssim, prototype term only (previous method)",
-                 "crosssim-pairs": "crosssim: + scanner views + pair loss",
+                 "crosssim-pairs": "crosssim: + pair loss (two views)",
                  "crosssim": "crosssim (default: + style bank)",
+                 "crosssim-scanner": "crosssim + scanner views",
                  "crosssim-target": "crosssim + target style in the loop",
                  "crosssim-contrastive": "crosssim, contrastive form",
                  "oracle": "target oracle (held-out half)"}

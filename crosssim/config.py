@@ -119,7 +119,7 @@ class AdaptConfig:
     tent_steps: int = 10  # TENT gradient steps, one target mini-batch each
     tent_lr: float = 1e-3  # TENT Adam learning rate on BatchNorm affine parameters
     shot_epochs: int = 3  # crosssim adaptation: passes over the target's images
-    shot_lr: float = 1e-4  # crosssim adaptation: Adam learning rate of the feature layers
+    shot_lr: float = 3e-5  # crosssim adaptation: Adam learning rate of the feature layers
     shot_diversity_weight: float = 1.0  # weight of KL(mean prediction || sources' class prevalence)
     shot_pseudo_weight: float = 0.3  # weight of cross-entropy to nearest-centroid pseudo-labels (SHOT's 0.3)
     few_shot_steps: int = 50  # few-shot: gradient steps on BatchNorm affine parameters and the head
