@@ -81,6 +81,7 @@ DEFAULT_SEEDS = 3
 DEFAULT_JOBS = 1  # parallel (suite, seed) processes
 
 TARGET_SITE_TOKEN = "{target}"  # in a method's flags: the suite's unlabeled target folder
+STYLE_MIX_ON = 0.5  # MixStyle's probability, for the ablation rows with the style bank (the default is off)
 FEDERATED_METHODS: dict[str, list[str]] = {  # method → crosssim simulate flags that define it
     "fedavg": ["--strategy", "fedavg"],
     "fedavg-scanner": ["--strategy", "fedavg", "--set", "augment=scanner"],
@@ -88,20 +89,22 @@ FEDERATED_METHODS: dict[str, list[str]] = {  # method → crosssim simulate flag
     "fedbn": ["--strategy", "fedbn"],
     "crosssim-prototypes": ["--strategy", "crosssim", "--set", "augment=basic", "--set", "pair-loss=false",
                             "--set", "style-mix-probability=0"],
-    "crosssim-pairs": ["--strategy", "crosssim", "--set", "style-mix-probability=0"],
     "crosssim": ["--strategy", "crosssim"],
-    "crosssim-scanner": ["--strategy", "crosssim", "--set", "augment=scanner"],
-    "crosssim-target": ["--strategy", "crosssim", "--target", TARGET_SITE_TOKEN],
+    "crosssim-style": ["--strategy", "crosssim", "--set", f"style-mix-probability={STYLE_MIX_ON}"],
+    "crosssim-scanner": ["--strategy", "crosssim", "--set", "augment=scanner",
+                         "--set", f"style-mix-probability={STYLE_MIX_ON}"],
+    "crosssim-target": ["--strategy", "crosssim", "--set", f"style-mix-probability={STYLE_MIX_ON}",
+                        "--target", TARGET_SITE_TOKEN],
     "crosssim-contrastive": ["--strategy", "crosssim", "--set", "similarity=contrastive"],
 }
 METHODS = ("local-only", "pooled", *FEDERATED_METHODS, "oracle")
 METHOD_LABELS = {"local-only": "local-only (mean over sources)", "pooled": "pooled (centralized bound)",
                  "fedavg-scanner": "fedavg + scanner views",
                  "crosssim-prototypes": "crosssim, prototype term only (previous method)",
-                 "crosssim-pairs": "crosssim: + pair loss (two views)",
-                 "crosssim": "crosssim (default: + style bank)",
-                 "crosssim-scanner": "crosssim + scanner views",
-                 "crosssim-target": "crosssim + target style in the loop",
+                 "crosssim": "crosssim (default: two views + pair loss)",
+                 "crosssim-style": "crosssim + style bank",
+                 "crosssim-scanner": "crosssim + style bank + scanner views",
+                 "crosssim-target": "crosssim + style bank + target style in the loop",
                  "crosssim-contrastive": "crosssim, contrastive form",
                  "oracle": "target oracle (held-out half)"}
 ADAPTS = ("none", "adabn", "tent", "crosssim", "auto")

@@ -229,7 +229,9 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
         out += ["## Choosing defaults without target labels (`benchmarks/loso_sweep.py`, not part of `make bench`)",
                 "", "Each candidate trains CrossSim on two sources and is scored on the third (plain and with "
                 "AdaBN), for every choice of the third; the best mean picks the candidate, and only that one is "
-                "trained on all sources and scored on the target.", ""]
+                "trained on all sources and scored on the target. A study whose candidates set only `[adapt]` "
+                "keys trains each fold once with the defaults and scores `--adapt crosssim` instead. Keys a "
+                "candidate does not set take the defaults of the commit recorded in its JSON.", ""]
         for doc in loso_docs:
             candidates = "; ".join(f"{name}: `{', '.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}`"
                                    for name, o in doc.get("candidates", {}).items())

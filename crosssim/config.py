@@ -96,7 +96,7 @@ class MethodConfig:
     proximal_mu: float = 0.01  # fedprox only
     pair_loss: bool = True  # crosssim: two scanner views per image and the pair term between them
     consistency_weight: float = 0.0  # crosssim with pair-loss: weight of the symmetric KL between the views
-    style_mix_probability: float = 0.5  # crosssim: per-sample chance of mixing toward another site's style
+    style_mix_probability: float = 0.0  # crosssim: per-sample chance of mixing toward another site's style; 0: off
     style_layers: int = 2  # crosssim: first BatchNorm2d layers whose feature statistics form the style bank
     style_alpha: float = 0.1  # Beta(α, α) weight of a sample's own statistics in a mix (MixStyle's 0.1)
 

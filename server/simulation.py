@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from crosssim.boundary import OUT_KEY, RESUME_KEY, SITE_DIRS_KEY, TARGET_DIR_KEY, final_checkpoint
-from crosssim.config import CrossSimConfig, to_run_config
+from crosssim.config import ConfigError, CrossSimConfig, to_run_config
 from crosssim.data.sites import SiteError, labels_file_of, with_site_classes
+from crosssim.method import uses_style_bank
 
 Progress = Callable[[str], None]
 
@@ -50,6 +51,9 @@ def simulate(site_dirs: Sequence[str | Path], cfg: CrossSimConfig, out: str | Pa
     if target is not None:
         if not Path(target).is_dir():
             raise SiteError(f"{target}: target site folder not found")
+        if not uses_style_bank(cfg):
+            raise ConfigError("--target: the target contributes only its style entry, which nothing uses with "
+                              "the style bank off; set strategy = crosssim and style-mix-probability > 0")
         settings[TARGET_DIR_KEY] = str(Path(target).resolve())
     num_nodes = len(folders) + (target is not None)
     if not verbose:

@@ -7,14 +7,26 @@ import torch
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client.app import app as client_app
-from crosssim.boundary import (BATCHNORM_STATE_RECORD, CONFIDENCE_HISTOGRAM, PROTOTYPE_COUNTS, PROTOTYPE_VECTORS,
-                               ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, SITE_CLASS_COUNTS, STYLE_BANK_RECORD, STYLE_RECORD,
-                               TARGET_IMAGES, TRAIN_CLASS_COUNTS)
+from crosssim.boundary import (
+    BATCHNORM_STATE_RECORD,
+    CONFIDENCE_HISTOGRAM,
+    PROTOTYPE_COUNTS,
+    PROTOTYPE_VECTORS,
+    ROUND_LAMBDA,
+    ROUND_LR,
+    SERVER_ROUND,
+    SITE_CLASS_COUNTS,
+    STYLE_BANK_RECORD,
+    STYLE_RECORD,
+    TARGET_IMAGES,
+    TRAIN_CLASS_COUNTS,
+)
 from crosssim.config import load_config
 from crosssim.data.sites import load_site
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
 from crosssim.federated import LocalSite, prototypes_to_arrays, wire_config
+from crosssim.method import uses_style_bank
 from crosssim.metrics import CONFIDENCE_BINS
 from crosssim.model import batchnorm_state_keys, build_model
 from crosssim.prototypes import Prototypes
@@ -22,6 +34,7 @@ from crosssim.style import STYLE_COUNT, STYLE_STATS, StyleEntry, bank_to_arrays,
 
 IMAGE_SIZE_PX = 32
 MIN_COUNT = 3  # with 12 images a site, some classes fall under it
+STYLE_MIX = 0.5  # the style bank on (the default is off), so every reply a site can send is checked
 TINY = {"classes": ",".join(SYNTH_CLASSES), "image-size": IMAGE_SIZE_PX, "batch-size": 8, "local-epochs": 1,
         "min-count": MIN_COUNT, "augment": False}
 
@@ -40,7 +53,7 @@ def _message(content: RecordDict, message_type: str) -> Message:
 
 def _send(site_dir, tmp_path, strategy: str, message_type: str, prototypes: Prototypes | None = None,
           context: Context | None = None, unlabeled: bool = False, style_bank: dict | None = None):
-    cfg = load_config(None, {**TINY, "strategy": strategy})
+    cfg = load_config(None, {"style-mix-probability": STYLE_MIX, **TINY, "strategy": strategy})
     model = build_model(cfg.model, len(cfg.data.classes))
     config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 2, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.5})
     records = {"arrays": ArrayRecord(model.state_dict()), "config": config}
@@ -64,7 +77,7 @@ def _train_split(site_dir, cfg, tmp_path) -> LocalSite:
 def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_path, strategy):
     global_protos = Prototypes(torch.nn.functional.normalize(torch.randn(4, 128), dim=1), torch.tensor([5, 5, 5, 0]))
     cfg, model, content, context = _send(site_dir, tmp_path, strategy, MessageType.TRAIN, global_protos)
-    assert set(content.keys()) == {"arrays", "prototypes", "metrics"} | ({STYLE_RECORD} if strategy == "crosssim"
+    assert set(content.keys()) == {"arrays", "prototypes", "metrics"} | ({STYLE_RECORD} if uses_style_bank(cfg)
                                                                          else set())
     split = _train_split(site_dir, cfg, tmp_path)
 
@@ -137,3 +150,10 @@ def test_unlabeled_target_in_the_loop_sends_its_style_and_image_count_only(site_
     assert content["metrics"][TARGET_IMAGES] == images
     assert_only_declared_style(content[STYLE_RECORD].to_torch_state_dict(), model, cfg, expected_count=images)
     assert len(context.state) == 0  # nothing kept at the node either
+
+
+def test_with_the_default_style_bank_off_a_crosssim_site_sends_no_style(site_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TINY, "style-mix-probability", 0.0)
+    global_protos = Prototypes(torch.nn.functional.normalize(torch.randn(4, 128), dim=1), torch.tensor([5, 5, 5, 0]))
+    _, _, content, _ = _send(site_dir, tmp_path, "crosssim", MessageType.TRAIN, global_protos)
+    assert set(content.keys()) == {"arrays", "prototypes", "metrics"}

@@ -62,3 +62,16 @@ def test_simulate_two_sites_two_rounds_with_the_sites_own_classes(tmp_path, bina
     counts = Counter(label for site in sites for label in read_labels_csv(site / LABELS_FILENAME).values())
     assert final.extra["class_counts"] == dict(counts)  # every image of every site trained (each class ≥ min-count)
     assert sum(line.startswith("node ") for line in lines) == 2  # round 1 shows what each site brings
+
+
+def test_a_target_in_the_loop_needs_the_style_bank(tmp_path, capsys):
+    from crosssim.cli import main as crosssim_main
+    from crosssim.data.synth import generate_hospitals
+
+    hospitals = generate_hospitals(tmp_path / "sites", images_per_site=8, image_size=32)
+    argv = ["simulate", "--sites", *map(str, hospitals.source_sites), "--target", str(hospitals.target_site),
+            "--out", str(tmp_path / "run"), "--rounds", "1", *TINY]
+    assert crosssim_main(argv) == 1  # the default: style bank off
+    error = capsys.readouterr().err.strip()
+    assert "--target" in error and "style-mix-probability > 0" in error and "\n" not in error
+    assert not (tmp_path / "run").exists()
