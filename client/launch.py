@@ -27,7 +27,8 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", action="store_true",
                         help="join as an unlabeled target in the loop: receive the global model each round and send "
                              "only this site's style entry (feature statistics) and image count; never trains, never "
-                             "sends weights, prototypes or per-image values")
+                             "sends weights, prototypes or per-image values (useful only when the federation runs "
+                             "the style bank, style-mix-probability > 0)")
     parser.add_argument("--site", metavar="NAME", help="site name in logs (default: the folder's name)")
     parser.add_argument("--cache", metavar="DIR", help="tensor cache on this hospital's disk "
                         "(default: $CROSSSIM_CACHE_DIR or ~/.cache/crosssim)")
