@@ -62,8 +62,8 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     simulate.add_argument("--target", metavar="DIR",
                           help="an unlabeled target site in the loop: one more virtual node that receives the global "
                                "model each round and sends only its style entry and image count (never weights, "
-                               "prototypes or per-image values); sources then mix toward its style too (needs the style "
-                               "bank: --set style-mix-probability=0.5; it is off by default)")
+                               "prototypes or per-image values); sources then mix toward its style too (needs the "
+                               "style bank: --set style-mix-probability=0.5; it is off by default)")
     simulate.add_argument("--cache", metavar="DIR", help="tensor cache for every site (default: config cache-dir)")
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     simulate.set_defaults(handler=_simulate)
