@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,13 +44,12 @@ from crosssim.data.dicom import iter_candidate_files, read_image  # noqa: E402
 from crosssim.data.sites import load_labels_for, load_site  # noqa: E402
 from crosssim.data.synth import generate_hospitals  # noqa: E402
 from crosssim.export import export_model  # noqa: E402
-from crosssim.processes import first_free_port, wait_for_port  # noqa: E402
+from crosssim.processes import first_free_port, stop_group, wait_for_port  # noqa: E402
 from crosssim.served_model import ServedModel  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "serve.json"
 WARMUP_REQUESTS = 10  # per variant, not timed (session and connection set-up, lazy imports)
 SERVER_START_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 30.0
 SEARCH_FROM_PORT = 18800
 MS_PER_S = 1000.0
@@ -96,7 +94,8 @@ def http_variant(folder: Path, int8: bool, threads: int, bodies: Sequence[bytes]
     command = [sys.executable, "-m", "crosssim.cli", "serve", str(folder), "--port", str(port),
                "--threads", str(threads), *(["--int8"] if int8 else [])]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
         wait_for_port("127.0.0.1", port, SERVER_START_TIMEOUT_S, process, "crosssim serve")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S,
@@ -108,12 +107,7 @@ def http_variant(folder: Path, int8: bool, threads: int, bodies: Sequence[bytes]
 
             return timed(call, bodies, requests)
     finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)  # the server and anything it started, by PID
 
 
 def accuracies(checkpoint: Path, folder: Path, target: Path, labels: Path, cache: Path) -> dict[str, float]:

@@ -79,7 +79,8 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
         "evaluate", help="predict an (unlabeled) site; label-free estimates, shift alarms, real metrics with --labels",
         description="Predict every DICOM image of a site with a checkpoint. Writes OUT/predictions.csv, "
                     "OUT/metrics.json and OUT/report.html. Always: predicted vs source prevalence, confidence, "
-                    "entropy, ATC accuracy estimate with a bootstrap interval, DoC estimate and two shift alarms "
+                    "entropy, the deployed model's estimated accuracy with a bootstrap interval (ATC; after "
+                    "tent, crosssim or --shots: ATC of the AdaBN model), DoC estimate and two shift alarms "
                     "(embedding distance to the global prototypes, BatchNorm statistics drift). With --labels: "
                     "accuracy, balanced accuracy, macro AUC, per-class sensitivity/specificity, confusion matrix, "
                     "ECE and the error of the label-free estimates. The checkpoint file is never modified.")

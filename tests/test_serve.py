@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from crosssim.data.dicom import iter_candidate_files
 from crosssim.data.sites import load_site
 from crosssim.evaluate import evaluate_site
 from crosssim.export import MANIFEST_FILENAME, export_model, sha256_of
-from crosssim.processes import first_free_port, wait_for_port
+from crosssim.processes import first_free_port, stop_group, wait_for_port
 from crosssim.served_model import ServedModel, softmax
 from crosssim.train import infer
 
@@ -38,7 +37,6 @@ INT8_AGREEMENT = 0.98
 INT8_MARGIN = 0.02
 INT8_AGREEMENT_ALL = 0.9
 SERVER_START_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 30.0
 MAX_UPLOAD_MB = 1
 TOKEN = "test-token-0123456789"
@@ -161,19 +159,15 @@ def server(exported, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "crosssim.cli", "serve", str(exported.folder), "--port",
                                 str(port), "--token-file", str(token_file), "--max-upload-mb", str(MAX_UPLOAD_MB)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
         wait_for_port("127.0.0.1", port, SERVER_START_TIMEOUT_S, process, "crosssim serve")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S,
                           headers={"authorization": f"Bearer {TOKEN}"}) as client:
             yield client
     finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)  # the server and anything it started, by PID
 
 
 @pytest.fixture(scope="module")
