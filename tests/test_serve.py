@@ -102,7 +102,8 @@ def test_export_adapted_leaves_the_checkpoint_and_matches_the_adapted_model(eval
     before = sha256_of(eval_tiny_run.checkpoint)
     out = tmp_path / "adapted"
     assert crosssim_main(["export", "--checkpoint", str(eval_tiny_run.checkpoint), "--out", str(out), "--adapt",
-                          "adabn", "--data", str(eval_tiny_run.target_dir), "--cache", str(eval_tiny_run.cache_dir)]) == 0
+                          "adabn", "--data", str(eval_tiny_run.target_dir),
+                          "--cache", str(eval_tiny_run.cache_dir)]) == 0
     assert sha256_of(eval_tiny_run.checkpoint) == before
     manifest = json.loads((out / MANIFEST_FILENAME).read_text())
     assert manifest["adaptation"]["method"] == "adabn" and manifest["adaptation"]["site"] == "target"
