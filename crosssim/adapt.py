@@ -136,20 +136,18 @@ def nearest_centroid_labels(embeddings: torch.Tensor, centroids: torch.Tensor,
     present = present.to(z.device)
     labels = torch.zeros(len(z), dtype=torch.int64, device=z.device)
     for _ in range(CENTROID_ITERATIONS):
-        similarity = (z @ centroids.T).masked_fill(~present, float("-inf"))
-        labels = similarity.argmax(1)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, z)
-        assigned = torch.bincount(labels, minlength=len(centroids)) > 0
-        centroids = torch.where(assigned.unsqueeze(1), F.normalize(sums, dim=1), centroids)
+        labels = (z @ centroids.T).masked_fill(~present, float("-inf")).argmax(1)
+        centroids = _class_means(z, labels, centroids)
     return labels, centroids
 
 
 def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Unit mean embedding per class; a class without images keeps its ``fallback`` row."""
+    """Unit mean embedding per class; a class without images keeps its ``fallback`` row (normalized)."""
     z = F.normalize(embeddings.float(), dim=1)
-    sums = torch.zeros(len(fallback), z.shape[1], device=z.device).index_add_(0, labels.to(z.device), z)
+    fallback = F.normalize(fallback.float().to(z.device), dim=1)
+    sums = torch.zeros_like(fallback).index_add_(0, labels.to(z.device), z)
     assigned = torch.bincount(labels, minlength=len(fallback)).to(z.device) > 0
-    return torch.where(assigned.unsqueeze(1), F.normalize(sums, dim=1), F.normalize(fallback.float(), dim=1))
+    return torch.where(assigned.unsqueeze(1), F.normalize(sums, dim=1), fallback)
 
 
 def class_prior(prevalence: torch.Tensor | None, num_classes: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from crosssim.adapt import adapt_copy
 from crosssim.config import AdaptConfig
+from crosssim.metrics import top1_agreement
 from crosssim.model import CrossSimNet
 from crosssim.prototypes import Prototypes
 from crosssim.train import infer
@@ -39,7 +40,7 @@ def effective_classes(probs: np.ndarray) -> float:
 
 def degeneracy_checks(probs: np.ndarray, reference_probs: np.ndarray) -> dict[str, Any]:
     """Agreement and prevalence-collapse figures of ``probs`` against the AdaBN ``reference_probs``."""
-    agreement = float((probs.argmax(1) == reference_probs.argmax(1)).mean())
+    agreement = top1_agreement(probs, reference_probs)
     class_ratio = effective_classes(probs) / effective_classes(reference_probs)
     return {"agreement_with_adabn": agreement, "effective_class_ratio": class_ratio,
             "degenerate": bool(agreement < AUTO_MIN_AGREEMENT or class_ratio < AUTO_MIN_CLASS_RATIO)}

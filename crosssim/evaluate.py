@@ -29,7 +29,8 @@ from crosssim.data.sites import SiteData, load_labels_for, load_site
 from crosssim.fileio import atomic_write_text
 from crosssim.metrics import (ATC_INTERVAL_LEVEL, accuracy, atc_estimate, atc_interval, atc_threshold,
                               balanced_accuracy, confusion_matrix, doc_estimate, entropy,
-                              expected_calibration_error, macro_auc, per_class_sensitivity_specificity)
+                              expected_calibration_error, macro_auc, per_class_sensitivity_specificity,
+                              top1_agreement)
 from crosssim.report import ReportData, write_report
 from crosssim.shift import forward_with_figures, shift_alarms
 from crosssim.train import infer, resolve_device, seed_everything
@@ -183,7 +184,7 @@ def adapt_for_site(ckpt: Checkpoint, model: torch.nn.Module, images: torch.Tenso
 def reference_estimates(probs: np.ndarray, reference_probs: np.ndarray, ckpt: Checkpoint) -> dict[str, float]:
     """Label-free figures of an adapted model against the AdaBN model: agreement and the AdaBN model's ATC."""
     block: dict[str, Any] = {
-        "agreement_estimated_accuracy": float((probs.argmax(1) == reference_probs.argmax(1)).mean())}
+        "agreement_estimated_accuracy": top1_agreement(probs, reference_probs)}
     source = ckpt.source
     if source is not None:
         confidence = reference_probs.max(1)
@@ -239,7 +240,8 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
         progress(f"adapting a copy of the model to {len(site)} images ({adapt}) ...")
     deployed = adapt_for_site(ckpt, source_model, site.images, adapt, settings, device)
     adaptation = {**deployed.record, "site": site.name, "source_checkpoint": str(checkpoint_path)}
-    label_free_probs = infer(deployed.model, site.images, device)[0].numpy()
+    label_free_probs_t, embeddings_t = infer(deployed.model, site.images, device)
+    label_free_probs = label_free_probs_t.numpy()
     few_shot: dict[str, Any] | None = None
     if shots is not None:
         if progress:
@@ -253,12 +255,15 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
         adaptation["few_shot"] = {k: few_shot[k] for k in ("shots_csv", "shots_per_class")}
     if save_adapted is not None:
         adaptation["saved_to"] = str(save_adapted_checkpoint(ckpt, deployed.model, save_adapted, dict(adaptation)))
-    probs_t, embeddings_t = infer(deployed.model, site.images, device)
-    probs = probs_t.numpy()
-    label_free = label_free_metrics(probs[scored], ckpt, target_figures)
+    probs = label_free_probs
     reference_probs = deployed.reference_probs
-    if reference_probs is None and shots is not None:
-        reference_probs = infer(adapt_copy(source_model, site.images, "adabn", device), site.images, device)[0]
+    if shots is not None:  # the few-shot model is the one deployed
+        probs_t, embeddings_t = infer(deployed.model, site.images, device)
+        probs = probs_t.numpy()
+        if reference_probs is None:  # label-free none or adabn: the AdaBN model is that one, or is made now
+            reference_probs = label_free_probs_t if adaptation["method"] == "adabn" else \
+                infer(adapt_copy(source_model, site.images, "adabn", device), site.images, device)[0]
+    label_free = label_free_metrics(probs[scored], ckpt, target_figures)
     if reference_probs is not None:
         label_free.update(reference_estimates(probs[scored], reference_probs.numpy()[scored], ckpt))
     label_free.update(deployed_estimate(label_free, "few-shot" if shots is not None else adaptation["method"]))

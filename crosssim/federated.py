@@ -115,6 +115,8 @@ def prototypes_from_arrays(arrays: Mapping[str, torch.Tensor], num_classes: int,
                          f"expected ({num_classes}, {dim}) / ({num_classes},)")
     if bool((counts < 0).any()):
         raise ValueError("prototype counts must be non-negative")
+    if not bool(torch.isfinite(vectors).all()):
+        raise ValueError("prototypes hold non-finite values")
     return Prototypes(vectors.float(), counts.to(torch.int64))
 
 

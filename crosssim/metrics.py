@@ -17,6 +17,11 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return matrix
 
 
+def top1_agreement(probs: np.ndarray, other_probs: np.ndarray) -> float:
+    """Fraction of images on which two models predict the same class."""
+    return float((probs.argmax(1) == other_probs.argmax(1)).mean())
+
+
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(y_true == y_pred)) if len(y_true) else float("nan")
 

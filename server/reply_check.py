@@ -1,8 +1,9 @@
 """Each site's train reply is checked before aggregation: a bad update is rejected with a reason, never averaged.
 
 A reply is rejected when its weights do not have exactly the global model's shared keys, shapes and kinds
-(floating point vs integer), when any weight, prototype or style value is not finite, or when its update norm
-‖w_site − w_global‖ exceeds ``max-update-norm-ratio`` × the median over the round's replies (only with at
+(floating point vs integer) or any non-finite value, when its prototypes or style entry do not parse (their
+readers, ``prototypes_from_arrays`` and ``StyleEntry.from_arrays``, check shapes and finiteness), or when its
+update norm ‖w_site − w_global‖ exceeds ``max-update-norm-ratio`` × the median over the round's replies (only with at
 least ``MIN_REPLIES_FOR_NORM_CHECK`` replies: a median of one or two says nothing).
 """
 
@@ -30,14 +31,6 @@ def state_problem(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
             return f"{key} is {value.dtype}, the model's is {reference.dtype}"
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"{key} holds non-finite values"
-    return None
-
-
-def arrays_problem(name: str, arrays: Mapping[str, torch.Tensor]) -> str | None:
-    """Why a summary record (prototypes, style) is unusable: any non-finite value; None when it is fine."""
-    for key, value in arrays.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"{name} {key} holds non-finite values"
     return None
 
 

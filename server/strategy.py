@@ -36,7 +36,7 @@ from crosssim.method import uses_style_bank
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, aggregate_prototypes
 from crosssim.style import StyleEntry, aggregate_bank, bank_to_arrays, layer_channels
-from server.reply_check import arrays_problem, norm_outliers, state_problem, update_norm
+from server.reply_check import norm_outliers, state_problem, update_norm
 from server.store import RoundRecord, RunStore
 
 Progress = Callable[[str], None]
@@ -198,19 +198,16 @@ class CrossSimStrategy(FedAvg):
         """One reply's prototypes and style taken out and its weights cast to float32; ValueError if unusable."""
         style = None
         if STYLE_RECORD in msg.content:
-            problem = arrays_problem("style", msg.content[STYLE_RECORD].to_torch_state_dict())
-            if problem:
-                raise ValueError(problem)
-            style = self._style(msg)
+            style = self._style(msg)  # StyleEntry.from_arrays refuses wrong shapes and non-finite values
             msg.content.pop(STYLE_RECORD)
         if ARRAYS_RECORD not in msg.content:
             return msg, None, style
         state = from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict())
-        arrays = msg.content[PROTOTYPES_RECORD].to_torch_state_dict()
-        problem = state_problem(state, expected) or arrays_problem("prototypes", arrays)
+        problem = state_problem(state, expected)
         if problem:
             raise ValueError(problem)
-        protos = prototypes_from_arrays(arrays, len(self.classes), self.embedding_dim)
+        protos = prototypes_from_arrays(msg.content[PROTOTYPES_RECORD].to_torch_state_dict(), len(self.classes),
+                                        self.embedding_dim)
         del msg.content[PROTOTYPES_RECORD]
         msg.content[ARRAYS_RECORD] = ArrayRecord(state)
         return msg, protos, style
