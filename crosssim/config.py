@@ -109,7 +109,10 @@ class FederationConfig:
     fraction_train: float = 1.0
     update_dtype: str = "float32"  # float32 | float16 on the wire
     round_timeout_s: float = 3600.0
+    round_retries: int = 2  # a round with fewer than min-sites train replies is sent again this many times
     max_update_norm_ratio: float = 10.0  # reject an update whose norm exceeds this × the round's median; 0: off
+    aggregation: str = "mean"  # mean (FedAvg) | median (FedMedian) | trimmed-mean (FedTrimmedAvg)
+    trimmed_mean_beta: float = 0.2  # trimmed-mean: fraction cut from each end per value, in [0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,7 @@ def validate(cfg: CrossSimConfig) -> None:
         "strategy": (cfg.method.strategy, ("crosssim", "fedavg", "fedprox", "fedbn")),
         "similarity": (cfg.method.similarity, ("infonce", "contrastive")),
         "update-dtype": (cfg.federation.update_dtype, ("float32", "float16")),
+        "aggregation": (cfg.federation.aggregation, ("mean", "median", "trimmed-mean")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -269,6 +273,10 @@ def validate(cfg: CrossSimConfig) -> None:
         raise ConfigError("config keys 'style-layers', 'style-alpha', 'consistency-weight': must be non-negative")
     if min(cfg.adapt.tent_steps, cfg.adapt.shot_epochs, cfg.adapt.few_shot_steps) < 0:
         raise ConfigError("config keys 'tent-steps', 'shot-epochs', 'few-shot-steps': must be at least 0")
+    if not 0.0 <= cfg.federation.trimmed_mean_beta < 0.5:
+        raise ConfigError("config key 'trimmed-mean-beta': must be in [0, 0.5)")
+    if cfg.federation.round_retries < 0 or cfg.federation.min_sites < 1:
+        raise ConfigError("config keys 'round-retries' (≥ 0) and 'min-sites' (≥ 1): out of range")
     if cfg.method.min_count < 1:
         raise ConfigError("config key 'min-count': must be at least 1")
     _validate_augment(cfg.augment)

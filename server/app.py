@@ -17,7 +17,7 @@ from crosssim.model import build_model
 from crosssim.style import bank_from_arrays, layer_channels
 from crosssim.train import seed_everything
 from server.store import RunStore
-from server.strategy import build_strategy
+from server.strategy import RoundAborted, build_strategy
 
 Progress = Callable[[str], None]
 
@@ -42,8 +42,9 @@ def server_settings(run_settings: Mapping[str, Any]) -> ServerSettings:
                           len(site_dirs(run_settings.get(SITE_DIRS_KEY))) or cfg.federation.min_sites)
 
 
-def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = print) -> Path:
-    """All rounds (the remaining ones when resuming); returns the path of ``final.pt``."""
+def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = print) -> Path | None:
+    """All rounds (the remaining ones when resuming); the path of ``final.pt``, or None when a round could not
+    gather min-sites replies (one line says so; ``latest.pt`` holds the last complete round)."""
     cfg, store = settings.cfg, RunStore(settings.out)
     classes = federated_classes(cfg)
     start = store.resume_point() if settings.resume else None
@@ -67,9 +68,13 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = pr
     if remaining > 0:
         progress(f"{cfg.method.strategy}: rounds {done + 1}-{cfg.federation.rounds}, classes {', '.join(classes)}, "
                  f"waiting for {settings.num_sites} site(s); writing to {store.out}")
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
-                       timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(wire_config(cfg)),
-                       evaluate_config=ConfigRecord(wire_config(cfg)), evaluate_fn=strategy.finish_round)
+        try:
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
+                           timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(wire_config(cfg)),
+                           evaluate_config=ConfigRecord(wire_config(cfg)), evaluate_fn=strategy.finish_round)
+        except RoundAborted as exc:
+            progress(str(exc))
+            return None
     final = strategy.last_checkpoint or start
     path = store.save_final(final)
     progress(f"final checkpoint: {path}")

@@ -22,7 +22,8 @@ class RoundRecord:
     lr: float
     lambda_sim: float  # written as "lambda"
     sites: int = 0  # train replies aggregated
-    failures: list[str] = field(default_factory=list)  # train replies that failed: "node N: reason"
+    failures: list[str] = field(default_factory=list)  # train replies that failed or never came: "node N: reason"
+    retries: int = 0  # times the round's train messages were sent again (fewer than min-sites replies)
     rejected: list[str] = field(default_factory=list)  # replies refused by server.reply_check: "node N: rejected: why"
     examples: int = 0
     train: dict[str, float] = field(default_factory=dict)  # Flower's weighted average of the scalar metrics

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS, METRICS_RECORD,
@@ -60,25 +60,50 @@ def failure_line(msg: Message) -> str:
     return f"node {msg.metadata.src_node_id}: {' '.join(reason.split())}"
 
 
-def _split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
-    ok, errors = [], []
+class RoundAborted(RuntimeError):
+    """Fewer than min-sites train replies after every retry: the run stops at its last complete round."""
+
+
+def _split_replies(replies: Iterable[Message], sent_to: Iterable[int],
+                   timeout_s: float) -> tuple[list[Message], list[str]]:
+    """Usable replies, and one failure line per error reply and per node that sent none before the timeout."""
+    ok, errors, replied = [], [], set()
     for msg in replies:
+        replied.add(msg.metadata.src_node_id)
         if msg.has_error():
             errors.append(failure_line(msg))
         else:
             ok.append(msg)
+    errors += [f"node {node}: no reply within the round timeout ({timeout_s:g} s)"
+               for node in sorted(set(sent_to) - replied)]
     return ok, errors
 
 
+def weight_averaging(cfg: CrossSimConfig, **flower_kwargs: Any) -> FedAvg:
+    """Flower's own strategy whose ``aggregate_train`` combines the weights: FedAvg, FedMedian or FedTrimmedAvg."""
+    if cfg.federation.aggregation == "median":
+        return FedMedian(**flower_kwargs)
+    if cfg.federation.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(beta=cfg.federation.trimmed_mean_beta, **flower_kwargs)
+    return FedAvg(**flower_kwargs)
+
+
 class CrossSimStrategy(FedAvg):
-    """strategy = crosssim | fedavg | fedprox | fedbn: FedAvg's averaging, the site decides the local loss."""
+    """strategy = crosssim | fedavg | fedprox | fedbn: Flower's sampling and messages, the site decides the local
+    loss; ``aggregation`` picks Flower's mean, median or trimmed mean for the weights."""
 
     def __init__(self, *, cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
-                 store: RunStore, round_offset: int = 0, prototypes: Prototypes | None = None,
+                 store: RunStore, min_replies: int, round_offset: int = 0, prototypes: Prototypes | None = None,
                  style_bank: dict[str, StyleEntry] | None = None, progress: Progress = print,
                  **flower_kwargs: Any) -> None:
         super().__init__(**flower_kwargs)
+        self.averaging = weight_averaging(cfg, **flower_kwargs)
         self.cfg, self.classes, self.store, self.progress = cfg, classes, store, progress
+        self.min_replies = min_replies  # labeled train replies a round needs (else it is retried, then the run stops)
+        self.train_call: tuple[ArrayRecord, ConfigRecord, Grid] | None = None  # this round's, for a retry
+        self.train_sent_to: list[int] = []
+        self.evaluate_sent_to: list[int] = []
+        self.failed_nodes: set[int] = set()  # nodes whose train reply failed this round: not asked to evaluate
         self.global_state = dict(global_state)
         self.round_offset = round_offset
         self.prototypes = prototypes
@@ -132,31 +157,37 @@ class CrossSimStrategy(FedAvg):
         """Flower's sampling and records, plus this round's LR and λ and the global prototypes."""
         record = self.round_record(server_round)
         config[ROUND_LR], config[ROUND_LAMBDA] = record.lr, record.lambda_sim
-        messages = super().configure_train(record.round, self._to_wire(arrays), config, grid)
-        return self._with_summaries(messages, style_bank=uses_style_bank(self.cfg))
+        self.train_call = (arrays, config, grid)
+        messages = self._with_summaries(super().configure_train(record.round, self._to_wire(arrays), config, grid),
+                                        style_bank=uses_style_bank(self.cfg))
+        self.train_sent_to = [msg.metadata.dst_node_id for msg in messages]
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Prototypes count-weighted and removed from each reply; FedAvg then averages the weights only, in float32."""
+        """Prototypes count-weighted and removed from each reply, then Flower's mean, median or trimmed mean of the
+        weights (float32); a round with fewer than min-sites usable replies is sent again (``round-retries``)."""
         record = self.round_record(server_round)
-        ok, errors = _split_replies(replies)
+        ok, errors = _split_replies(replies, self.train_sent_to, self.cfg.federation.round_timeout_s)
         for line in errors:
             self.progress(f"round {record.round}: {line}")
+        record.failures += errors
         ok, site_prototypes, styles = self._checked(ok, record)
+        trained = [msg for msg in ok if ARRAYS_RECORD in msg.content]
+        if len(trained) < self.min_replies:
+            return self._retry(server_round, record, len(trained))
+        self.failed_nodes = set(self.train_sent_to) - {msg.metadata.src_node_id for msg in ok}
         self.style_bank = aggregate_bank(self.style_bank, styles)
         targets = [msg for msg in ok if ARRAYS_RECORD not in msg.content]  # unlabeled: a style and a count only
         self.target_nodes |= {msg.metadata.src_node_id for msg in targets}
         record.target_images = sum(int(msg.content[METRICS_RECORD][TARGET_IMAGES]) for msg in targets)
-        ok = [msg for msg in ok if ARRAYS_RECORD in msg.content]
-        if not ok:
-            raise RuntimeError(f"round {record.round}: no site finished training "
-                               f"({'; '.join(errors + record.rejected) or 'no reply before the round timeout'})")
+        ok = trained
         self.prototypes = aggregate_prototypes(site_prototypes, self.prototypes)
-        averaged, metrics = super().aggregate_train(server_round, ok)
+        averaged, metrics = self.averaging.aggregate_train(server_round, ok)
         self.global_state = merge_state(self.global_state, averaged.to_torch_state_dict())
         site_metrics = {f"node {msg.metadata.src_node_id}": msg.content[METRICS_RECORD] for msg in ok}
         record.train_s = time.perf_counter() - self._started
-        record.sites, record.failures = len(ok), errors
+        record.sites = len(ok)
         record.examples = sum(int(m[NUM_EXAMPLES]) for m in site_metrics.values())
         record.train = dict(metrics or {})
         record.train_compute_s = [float(m[COMPUTE_SECONDS]) for m in site_metrics.values()]
@@ -168,6 +199,23 @@ class CrossSimStrategy(FedAvg):
                                                       for c, n in zip(self.classes, counts)))
         return ArrayRecord(self.global_state), metrics
 
+    def _retry(self, server_round: int, record: RoundRecord,
+               trained: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Send this round's train messages again, or stop the run once ``round-retries`` are spent."""
+        needed = f"{trained} of the {self.min_replies} train replies a round needs (min-sites)"
+        if record.retries >= self.cfg.federation.round_retries or self.train_call is None:
+            raise RoundAborted(
+                f"round {record.round}: {needed} after {record.retries} retry(ies) "
+                f"({'; '.join(record.failures + record.rejected) or 'no site replied'}); the run stops: "
+                f"{self.store.latest_path} holds round {record.round - 1}, continue with --resume")
+        record.retries += 1
+        self.progress(f"round {record.round}: {needed}; sending it again "
+                      f"(retry {record.retries}/{self.cfg.federation.round_retries})")
+        arrays, config, grid = self.train_call
+        replies = grid.send_and_receive(self.configure_train(server_round, arrays, config, grid),
+                                        timeout=self.cfg.federation.round_timeout_s)
+        return self.aggregate_train(server_round, replies)
+
     def _checked(self, replies: list[Message],
                  record: RoundRecord) -> tuple[list[Message], list[Prototypes], dict[str, StyleEntry]]:
         """Replies that pass ``server.reply_check`` (weights as float32, summaries taken out), their
@@ -175,20 +223,22 @@ class CrossSimStrategy(FedAvg):
         expected = {k: v for k, v in self.global_state.items() if k not in self.local_keys}
         accepted: dict[str, tuple[Message, Prototypes | None, StyleEntry | None]] = {}
         norms: dict[str, float] = {}
+        rejected: list[str] = []
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
             try:
                 accepted[node] = self._parsed(msg, expected)
             except ValueError as exc:
-                record.rejected.append(f"{node}: rejected: {exc}")
+                rejected.append(f"{node}: rejected: {exc}")
                 continue
             if ARRAYS_RECORD in msg.content:
                 norms[node] = update_norm(msg.content[ARRAYS_RECORD].to_torch_state_dict(), expected)
         for node, reason in norm_outliers(norms, self.cfg.federation.max_update_norm_ratio).items():
-            record.rejected.append(f"{node}: rejected: {reason}")
+            rejected.append(f"{node}: rejected: {reason}")
             del accepted[node]
-        for line in record.rejected:
+        for line in rejected:
             self.progress(f"round {record.round}: {line}")
+        record.rejected += rejected
         return ([msg for msg, _, _ in accepted.values()],
                 [protos for _, protos, _ in accepted.values() if protos is not None],
                 {node.removeprefix("node "): style for node, (_, _, style) in accepted.items() if style is not None})
@@ -216,13 +266,16 @@ class CrossSimStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """Flower's evaluate messages with the global prototypes, to every labeled site (never a target)."""
         messages = super().configure_evaluate(self.global_round(server_round), self._to_wire(arrays), config, grid)
-        return self._with_summaries([m for m in messages if m.metadata.dst_node_id not in self.target_nodes],
-                                    style_bank=False)
+        skipped = self.target_nodes | self.failed_nodes
+        messages = self._with_summaries([m for m in messages if m.metadata.dst_node_id not in skipped],
+                                        style_bank=False)
+        self.evaluate_sent_to = [msg.metadata.dst_node_id for msg in messages]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Scalar averages for the log; pooled histogram, accuracy and prevalence become the ATC reference."""
         record = self.round_record(server_round)
-        ok, errors = _split_replies(replies)
+        ok, errors = _split_replies(replies, self.evaluate_sent_to, self.cfg.federation.round_timeout_s)
         for line in errors:
             self.progress(f"round {record.round} (evaluate): {line}")
         site_metrics = [msg.content[METRICS_RECORD] for msg in ok]
@@ -245,10 +298,11 @@ class CrossSimStrategy(FedAvg):
                           extra={"strategy": self.cfg.method.strategy, "sites": record.sites,
                                  "class_counts": dict(zip(self.classes, class_totals)),
                                  STYLE_BANK_EXTRA: bank_to_arrays(self.style_bank)})
-        record.checkpoint = self.store.save_round(ckpt).name
+        record.checkpoint = self.store.round_path(record.round).name
         record.wall_s = time.perf_counter() - self._started
+        self.store.log_round(record)  # before the checkpoint: a crash between them repeats the round on --resume
+        self.store.save_round(ckpt)
         self.last_checkpoint = ckpt
-        self.store.log_round(record)
         self.progress(_progress_line(record, self.cfg.federation.rounds))
         return None
 
@@ -262,16 +316,19 @@ def _progress_line(record: RoundRecord, total_rounds: int) -> str:
             f" | {record.wall_s:.1f}s (site compute {compute:.1f}s) → {record.checkpoint}")
     failures = record.failures + record.evaluate_failures
     line += f" | {len(failures)} failed reply(ies)" if failures else ""
-    return line + (f" | {len(record.rejected)} rejected reply(ies)" if record.rejected else "")
+    line += f" | {len(record.rejected)} rejected reply(ies)" if record.rejected else ""
+    return line + (f" | {record.retries} retry(ies)" if record.retries else "")
 
 
 def build_strategy(cfg: CrossSimConfig, classes: tuple[str, ...], global_state: dict[str, torch.Tensor],
                    store: RunStore, *, num_sites: int, round_offset: int = 0,
                    prototypes: Prototypes | None = None, style_bank: dict[str, StyleEntry] | None = None,
                    progress: Progress = print) -> CrossSimStrategy:
-    """The strategy of a run, waiting for ``num_sites`` sites before each round."""
+    """The strategy of a run, waiting for ``num_sites`` sites before each round and needing min-sites replies
+    (or all ``num_sites`` when there are fewer)."""
     return CrossSimStrategy(
         cfg=cfg, classes=classes, global_state=global_state, store=store, round_offset=round_offset,
+        min_replies=min(cfg.federation.min_sites, num_sites),
         prototypes=prototypes, style_bank=style_bank, progress=progress, fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=num_sites,
         weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS_RECORD, configrecord_key=CONFIG_RECORD,

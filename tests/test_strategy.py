@@ -230,7 +230,7 @@ def test_a_site_with_unknown_labels_fails_its_reply_in_one_line_and_the_round_pr
     rows = list(read_labels_csv(bad / LABELS_FILENAME).items())
     write_labels_csv(bad / LABELS_FILENAME, [(path, "pneumothorax") if i == 0 else (path, label)
                                              for i, (path, label) in enumerate(rows)])
-    cfg = load_config(None, {**TINY, "rounds": 1})
+    cfg = load_config(None, {**TINY, "rounds": 1, "min-sites": 2})
     lines: list[str] = []
     run_federation(LoopbackGrid([*sites, bad], tmp_path / "cache"), ServerSettings(cfg, tmp_path / "run", False, 3),
                    lines.append)
@@ -247,7 +247,7 @@ def test_style_bank_gathers_every_site_and_the_unlabeled_target_which_never_trai
     target = generate_hospitals(tmp_path / "target-sites", images_per_site=8, image_size=32).target_site
     cfg = load_config(None, {**TINY, "rounds": 2, "style-mix-probability": 0.5})
     grid = LoopbackGrid(sites, tmp_path / "cache", unlabeled_dirs=[target])
-    final = load_checkpoint(run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 3), lambda _: None))
+    final = load_checkpoint(run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 2), lambda _: None))
     target_node = 3
     to_target = [m.metadata.message_type for _, m in grid.sent if m.metadata.dst_node_id == target_node]
     assert to_target == [MessageType.TRAIN, MessageType.TRAIN]  # the global model each round, never evaluate
@@ -260,3 +260,77 @@ def test_style_bank_gathers_every_site_and_the_unlabeled_target_which_never_trai
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert all(r["sites"] == 2 and r["target_images"] == 8 and not r["failures"] for r in rounds)
     assert set(bank_from_arrays(final.extra["style_bank"], shapes)) == {"1", "2", "3"}  # kept for --resume
+
+
+@pytest.mark.parametrize("aggregation,beta", [("median", 0.2), ("trimmed-mean", 0.34)])
+def test_median_and_trimmed_mean_follow_flowers_robust_strategies(tmp_path, aggregation, beta):
+    cfg = load_config(None, {**TINY, "strategy": "fedavg", "aggregation": aggregation, "trimmed-mean-beta": beta})
+    state = build_model(cfg.model, len(CLASSES)).state_dict()
+    strategy = build_strategy(cfg, CLASSES, state, RunStore(tmp_path), num_sites=3, progress=lambda _: None)
+    strategy.global_state = _filled(state, 0.5)
+    protos = Prototypes.empty(len(CLASSES), 128)
+    replies = [_reply(n, _filled(state, 0.5 + d), protos, count) for n, d, count in ((1, 0.1, 1), (2, 0.2, 1),
+                                                                                    (3, 0.9, 50))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for key, value in arrays.to_torch_state_dict().items():
+        assert value.dtype == state[key].dtype
+        if value.is_floating_point():  # the middle reply, whatever the big site's weight (the mean would be ~1.37)
+            assert torch.allclose(value, torch.full_like(value, 0.7))
+
+
+class DroppingGrid(LoopbackGrid):
+    """A LoopbackGrid that loses some train replies: ``drops[(round, node)]`` = how many times in a row."""
+
+    def __init__(self, site_dirs, cache_dir, drops: dict[tuple[int, int], int]) -> None:
+        super().__init__(site_dirs, cache_dir)
+        self.drops = dict(drops)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        kept = []
+        for msg in messages:
+            key = (int(msg.content["config"][SERVER_ROUND]), msg.metadata.dst_node_id)
+            if msg.metadata.message_type == MessageType.TRAIN and self.drops.get(key, 0) > 0:
+                self.drops[key] -= 1  # the site never answers this one: as if killed before replying
+                self.sent.append((key[0], msg))
+            else:
+                kept.append(msg)
+        return super().send_and_receive(kept, timeout=timeout)
+
+
+def _rounds(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_a_round_short_of_min_sites_is_sent_again_and_a_missing_reply_is_a_failure(tmp_path, sites, flower_task):
+    cfg = load_config(None, {**TINY, "rounds": 2, "min-sites": 2, "round-timeout-s": 5})
+    grid, lines = DroppingGrid(sites, tmp_path / "cache", {(2, 2): 1}), []
+    run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 2), lines.append)
+    first, second = _rounds(tmp_path / "run")
+    assert first["retries"] == 0 and not first["failures"]
+    assert second["retries"] == 1 and second["sites"] == 2
+    assert second["failures"] == ["node 2: no reply within the round timeout (5 s)"]
+    assert "round 2: 1 of the 2 train replies a round needs (min-sites); sending it again (retry 1/2)" in lines
+    assert sum(r == 2 and m.metadata.message_type == MessageType.TRAIN for r, m in grid.sent) == 4
+
+
+def test_a_site_that_failed_training_is_not_asked_to_evaluate(tmp_path, sites, flower_task):
+    cfg = load_config(None, {**TINY, "rounds": 1, "min-sites": 1})
+    grid = DroppingGrid(sites, tmp_path / "cache", {(1, 2): 1})
+    run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 2), lambda _: None)
+    (record,) = _rounds(tmp_path / "run")
+    assert record["sites"] == 1 and record["retries"] == 0 and len(record["failures"]) == 1
+    evaluated = [m.metadata.dst_node_id for _, m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert evaluated == [1] and not record["evaluate_failures"]
+
+
+def test_retries_spent_stop_the_run_with_one_line_and_the_last_complete_round_kept(tmp_path, sites, flower_task):
+    cfg = load_config(None, {**TINY, "rounds": 3, "min-sites": 2, "round-retries": 1, "round-timeout-s": 5})
+    run, lines = tmp_path / "run", []
+    grid = DroppingGrid(sites, tmp_path / "cache", {(2, 1): 5})
+    assert run_federation(grid, ServerSettings(cfg, run, False, 2), lines.append) is None
+    assert [r["round"] for r in _rounds(run)] == [1]
+    assert load_checkpoint(run / "latest.pt").round == 1 and not (run / "final.pt").exists()
+    stop = [line for line in lines if "the run stops" in line]
+    assert len(stop) == 1 and "\n" not in stop[0]
+    assert stop[0].startswith("round 2: 1 of the 2 train replies a round needs (min-sites) after 1 retry(ies)")
+    assert "node 1: no reply within the round timeout (5 s)" in stop[0] and "--resume" in stop[0]
