@@ -3,21 +3,40 @@
 Raw Flower equivalent (printed by ``--dry-run``)::
 
     flower-supernode --insecure --superlink H:P --port 9094 --node-config "data='DIR' site='NAME' cache='DIR'"
+
+With ``--root-certificates`` one TLS handshake checks the server's certificate before the SuperNode starts;
+with ``--auth-key`` the SuperNode signs in with this hospital's key (the server must have registered it).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 from crosssim.boundary import NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY
 from crosssim.processes import (Children, LaunchError, describe_command, first_free_port, flower_env, key_values,
-                                require_free_port, require_pem, split_address, stop_on_sigterm,
-                                wait_until_reachable)
+                                require_free_port, require_pem, split_address, stop_group, stop_on_sigterm,
+                                tls_problem, wait_until_reachable)
 
 DEFAULT_SUPERNODE_PORT = 9094  # Flower's default port of a SuperNode's own API (for its ClientApp processes)
 SUPERNODE_HOST = "127.0.0.1"  # where the SuperNode's own API listens (Flower's default)
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
+REGISTRATION_RETRY_S = 5.0  # a key the server registers moments after its SuperLink opens: try again this often
+NOT_REGISTERED = "[code: 2004]"
+# What a refused SuperNode prints before Flower's exit 305 (Flower 1.42), and the fix in one line.
+FLOWER_REFUSALS = {
+    "[code: 2001]": "the SuperLink admits registered hospitals only: pass --auth-key with this hospital's key "
+                    "(crosssim certs DIR --sites NAME writes DIR/sites/NAME.key)",
+    NOT_REGISTERED: "the SuperLink refused this hospital's key: the server has not registered it (crosssim server "
+                    "--auth-keys DIR, with this hospital's NAME.pub in DIR)",
+    "SSL/TLS handshake error": "the TLS handshake with the SuperLink failed: pass the server's ca.pem with "
+                               "--root-certificates",
+}
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +55,15 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
                         help=f"local port of this SuperNode's own API (default: the first free one from "
                              f"{DEFAULT_SUPERNODE_PORT}; one per SuperNode on a machine)")
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
-                        help=f"how long to wait for the SuperLink to accept connections before giving up "
-                             f"(default {DEFAULT_CONNECT_TIMEOUT_S:.0f})")
+                        help=f"how long to wait for the SuperLink to accept connections (and, with --auth-key, to "
+                             f"admit this hospital's key) before giving up (default {DEFAULT_CONNECT_TIMEOUT_S:.0f})")
     security = parser.add_argument_group("transport security")
     security.add_argument("--insecure", action="store_true", default=True,
                           help="plain HTTP (the default until --root-certificates is given)")
     security.add_argument("--root-certificates", metavar="FILE", help="CA certificate of the SuperLink (enables TLS)")
+    security.add_argument("--auth-key", metavar="FILE", help="this hospital's private key (DIR/sites/NAME.key from "
+                          "`crosssim certs DIR --sites NAME`) for a server that admits registered hospitals only "
+                          "(needs --root-certificates)")
     parser.add_argument("--dry-run", action="store_true", help="print the raw Flower command and exit")
 
 
@@ -53,6 +75,8 @@ def supernode_command(args: argparse.Namespace, port: int) -> list[str]:
     if args.cache:
         node_config[NODE_CACHE_KEY] = str(Path(args.cache).resolve())
     security = ["--root-certificates", args.root_certificates] if args.root_certificates else ["--insecure"]
+    if args.auth_key:
+        security += ["--auth-supernode-private-key", args.auth_key]
     return ["flower-supernode", *security, "--superlink", args.superlink, "--port", str(port),
             "--node-config", key_values(node_config)]
 
@@ -78,12 +102,67 @@ def join(args: argparse.Namespace) -> int:
     split_address(args.superlink)
     if args.root_certificates:
         require_pem(args.root_certificates, "certificate", "--root-certificates")
+    if args.auth_key:
+        require_auth_key(args)
     command = supernode_command(args, supernode_port(args))
     wait_until_reachable(args.superlink, args.connect_timeout)
+    problem = tls_problem(args.superlink, args.root_certificates)
+    if problem:
+        raise LaunchError(problem)
     stop_on_sigterm()
     children = Children()
+    deadline = time.monotonic() + args.connect_timeout
     try:
         print(f"joining {args.superlink} with site {args.site or Path(args.data).resolve().name}", flush=True)
-        return children.start(command, flower_env()).wait()
+        while True:
+            code, refusal = _run_supernode(children.start(command, flower_env(), subprocess.PIPE))
+            if code == 0 or refusal is None:
+                return code
+            if refusal != NOT_REGISTERED or time.monotonic() + REGISTRATION_RETRY_S > deadline:
+                raise LaunchError(f"{FLOWER_REFUSALS[refusal]} (flower-supernode exit code {code})")
+            print(f"this hospital's key is not registered at the SuperLink (yet): trying again in "
+                  f"{REGISTRATION_RETRY_S:.0f} s, until --connect-timeout", flush=True)
+            time.sleep(REGISTRATION_RETRY_S)
     finally:
         children.stop_all()
+
+
+def require_auth_key(args: argparse.Namespace) -> None:
+    """``--auth-key`` is an OpenSSH EC private key and TLS is on (Flower signs in only over TLS)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    if not args.root_certificates:
+        raise LaunchError("--auth-key needs TLS: pass --root-certificates with the server's ca.pem too")
+    key = Path(args.auth_key)
+    if not key.is_file():
+        raise LaunchError(f"{key}: key file not found (given with --auth-key)")
+    try:
+        private = load_ssh_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        private = None
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise LaunchError(f"{key}: not an OpenSSH ECDSA private key (given with --auth-key; crosssim certs DIR "
+                          f"--sites NAME writes one)")
+
+
+def _run_supernode(process: subprocess.Popen) -> tuple[int, str | None]:
+    """Echo the SuperNode's output until it exits (then stop what it left running); its exit code and the marker
+    of a known refusal it printed, if any."""
+    seen: list[str] = []
+    echo = threading.Thread(target=_echo, args=(process.stdout, seen), daemon=True)
+    echo.start()
+    code = process.wait()
+    stop_group(process)  # its SuperExec and ClientApps hold the output pipe open
+    echo.join()
+    return code, next((marker for marker in FLOWER_REFUSALS if any(marker in line for line in seen)), None)
+
+
+def _echo(stream: IO[bytes], seen: list[str]) -> None:
+    """Copy ``stream`` to stdout line by line, keeping the lines that name a refusal."""
+    for raw in stream:
+        line = raw.decode(errors="replace")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if any(marker in line for marker in FLOWER_REFUSALS):
+            seen.append(line)

@@ -1,9 +1,12 @@
-"""`crosssim certs`: a private CA and a SuperLink certificate for TLS, with the `cryptography` library.
+"""`crosssim certs`: a private CA, a SuperLink certificate and per-hospital keys, with the `cryptography` library.
 
 Writes, in one folder: ``ca.pem`` (give it to every hospital: ``crosssim client --root-certificates``),
 ``ca.key`` (keep it offline), ``server.pem`` and ``server.key`` (the SuperLink's: ``crosssim server
 --tls-dir``). The server certificate's SAN holds every given host name and IP address.
-Private keys are written with mode 0600; an existing folder's files are never overwritten.
+With ``--sites``, one ECDSA P-384 key pair per hospital for Flower's SuperNode authentication:
+``sites/NAME.key`` (that hospital's only: ``crosssim client --auth-key``) and ``auth-keys/NAME.pub``
+(the server registers every one: ``crosssim server --auth-keys``), both in OpenSSH format as Flower reads them.
+Private keys are written with mode 0600; an existing file is never overwritten.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -25,6 +30,9 @@ SERVER_CERT_FILE, SERVER_KEY_FILE = "server.pem", "server.key"
 CA_VALIDITY_DAYS = 3650
 SERVER_VALIDITY_DAYS = 825  # the longest TLS server validity common clients accept
 PRIVATE_KEY_MODE = 0o600
+SITE_KEYS_DIRNAME, AUTH_KEYS_DIRNAME = "sites", "auth-keys"
+SITE_KEY_SUFFIX, AUTH_KEY_SUFFIX = ".key", ".pub"
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a file name on every OS, no path separators
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,17 @@ class TlsFiles:
     @property
     def server_key(self) -> Path:
         return self.folder / SERVER_KEY_FILE
+
+    @property
+    def auth_keys(self) -> Path:
+        """The public keys ``crosssim server --auth-keys`` registers."""
+        return self.folder / AUTH_KEYS_DIRNAME
+
+    def site_key(self, site: str) -> Path:
+        return self.folder / SITE_KEYS_DIRNAME / f"{site}{SITE_KEY_SUFFIX}"
+
+    def site_public_key(self, site: str) -> Path:
+        return self.auth_keys / f"{site}{AUTH_KEY_SUFFIX}"
 
 
 def _name(common_name: str) -> x509.Name:
@@ -109,3 +128,45 @@ def write_certificates(folder: str | Path, hosts: Sequence[str], *,
     _write(files.ca, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
     return files
+
+
+def write_site_keys(folder: str | Path, sites: Sequence[str]) -> list[Path]:
+    """One P-384 key pair per site (OpenSSH format); refuses a bad name or a site that already has keys."""
+    files = TlsFiles(Path(folder))
+    bad = [site for site in sites if not SITE_NAME.match(site)]
+    if bad or not sites or len(set(sites)) != len(sites):
+        raise ValueError(f"--sites: names must be unique letters, digits, '.', '_' or '-' (got {list(sites)})")
+    existing = [str(p) for site in sites for p in (files.site_key(site), files.site_public_key(site)) if p.exists()]
+    if existing:
+        raise ValueError(f"{existing[0]}: already exists; a site keeps its key (choose another name to add one)")
+    written = []
+    for site in sites:
+        key = ec.generate_private_key(ec.SECP384R1())
+        for path, data, mode in (
+                (files.site_key(site), key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.OpenSSH,
+                                                          serialization.NoEncryption()), PRIVATE_KEY_MODE),
+                (files.site_public_key(site), key.public_key().public_bytes(
+                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", None)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write(path, data, mode)
+        written.append(files.site_key(site))
+    return written
+
+
+def public_keys_in(folder: str | Path) -> list[Path]:
+    """The ``*.pub`` files of an auth-keys folder, each checked to be an OpenSSH NIST-curve ECDSA public key."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{path}: auth-keys folder not found (given with --auth-keys)")
+    keys = sorted(path.glob(f"*{AUTH_KEY_SUFFIX}"))
+    if not keys:
+        raise ValueError(f"{path}: no *{AUTH_KEY_SUFFIX} public keys (write them with crosssim certs DIR --sites A,B)")
+    for key in keys:
+        try:
+            public = serialization.load_ssh_public_key(key.read_bytes())
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ValueError(f"{key}: not an OpenSSH public key ({exc})") from None
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise ValueError(f"{key}: not an ECDSA key (Flower's SuperNode authentication needs a NIST EC curve)")
+    return keys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from crosssim.adapt_options import ADAPT_METHODS
 from crosssim.cli import config_from_args, parse_set
@@ -36,12 +37,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from crosssim.certs import write_certificates
+    from crosssim.certs import TlsFiles, write_certificates, write_site_keys
 
-    files = write_certificates(args.folder, args.host)
-    print(f"wrote {files.ca} (to every hospital: crosssim client --root-certificates {files.ca}), "
-          f"{files.server_cert} and {files.server_key} (crosssim server --tls-dir {files.folder}); "
-          f"keep {files.folder}/ca.key offline")
+    files = TlsFiles(Path(args.folder))
+    if args.host:
+        write_certificates(args.folder, args.host)
+        print(f"wrote {files.ca} (to every hospital: crosssim client --root-certificates {files.ca}), "
+              f"{files.server_cert} and {files.server_key} (crosssim server --tls-dir {files.folder}); "
+              f"keep {files.folder}/ca.key offline")
+    elif not files.ca.is_file():
+        raise ValueError(f"{files.folder}: no ca.pem yet; pass --host NAME (the names hospitals connect to)")
+    if args.sites:
+        for key in write_site_keys(args.folder, args.sites.split(",")):
+            print(f"wrote {key} (to that hospital only: crosssim client --auth-key {key})")
+        print(f"public keys in {files.auth_keys} (crosssim server --tls-dir {files.folder} --auth-keys "
+              f"{files.auth_keys})")
     return 0
 
 
@@ -110,13 +120,18 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     evaluate.set_defaults(handler=_evaluate)
 
     certs = subparsers.add_parser(
-        "certs", help="write a private CA and a SuperLink certificate for TLS (no openssl needed)",
-        description="Write FOLDER/ca.pem, ca.key, server.pem and server.key (ECDSA P-256). The server "
-                    "certificate's subject alternative names are the given hosts (DNS names or IP addresses): "
-                    "every name hospitals use to reach the server. Never overwrites existing files.")
-    certs.add_argument("folder", help="output folder (created; must not hold certificates already)")
-    certs.add_argument("--host", nargs="+", required=True, metavar="NAME",
-                       help="names and IPs hospitals connect to, e.g. --host fl.example.org 10.0.0.5 127.0.0.1")
+        "certs", help="write a private CA, a SuperLink certificate and hospital keys (no openssl needed)",
+        description="With --host: write FOLDER/ca.pem, ca.key, server.pem and server.key (ECDSA P-256); the "
+                    "server certificate's subject alternative names are the given hosts (DNS names or IP "
+                    "addresses): every name hospitals use to reach the server. With --sites: one ECDSA P-384 "
+                    "key pair per hospital for SuperNode authentication, FOLDER/sites/NAME.key (give it to that "
+                    "hospital only) and FOLDER/auth-keys/NAME.pub (the server registers them); --sites alone adds "
+                    "hospitals to an existing folder. Never overwrites existing files.")
+    certs.add_argument("folder", help="output folder (created; must not hold the files it writes already)")
+    certs.add_argument("--host", nargs="+", metavar="NAME",
+                       help="names and IPs hospitals connect to, e.g. --host fl.example.org 10.0.0.5 127.0.0.1 "
+                            "(required the first time: it creates the CA)")
+    certs.add_argument("--sites", metavar="A,B,...", help="hospital names to write an authentication key pair for")
     certs.set_defaults(handler=_certs)
 
     check = subparsers.add_parser(

@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import IO
 STOP_GRACE_S = 10.0  # SIGTERM → wait this long → SIGKILL
 POLL_INTERVAL_S = 0.2
 PORT_PROBE_TIMEOUT_S = 0.5
+TLS_PROBE_TIMEOUT_S = 10.0
 PORT_SEARCH_SPAN = 100  # ports tried from the default when a launcher picks a free one
 # Flower's environment for every child: no telemetry, no update check.
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -83,6 +85,7 @@ class LaunchError(RuntimeError):
 def port_free(host: str, port: int) -> bool:
     """True when this machine can bind ``host:port`` now."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
         try:
             probe.bind((host, port))
         except OSError:
@@ -124,6 +127,32 @@ def wait_until_reachable(address: str, timeout_s: float) -> None:
         time.sleep(POLL_INTERVAL_S)
 
 
+def tls_problem(address: str, root_certificates: str | None) -> str | None:
+    """Why a SuperNode with these TLS settings could not talk to the SuperLink at ``address``, from one TLS
+    handshake (None when they match): another CA, a name the certificate does not cover, TLS on one side only."""
+    host, port = split_address(address)
+    if root_certificates:
+        context = ssl.create_default_context(cafile=root_certificates)
+    else:  # only to learn whether the server speaks TLS at all
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=TLS_PROBE_TIMEOUT_S) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                speaks_tls = True
+    except ssl.SSLCertVerificationError as exc:
+        return (f"the SuperLink at {address} presented a certificate that {root_certificates} does not vouch for "
+                f"({exc.verify_message}): pass the server's own ca.pem with --root-certificates")
+    except (ssl.SSLError, OSError):
+        speaks_tls = False
+    if root_certificates and not speaks_tls:
+        return (f"the SuperLink at {address} does not speak TLS: drop --root-certificates, or start the server "
+                f"with --tls-dir")
+    if not root_certificates and speaks_tls:
+        return f"the SuperLink at {address} uses TLS: pass --root-certificates with the server's ca.pem"
+    return None
+
+
 def require_pem(path: str, kind: str, flag: str) -> None:
     """``path`` exists and holds a PEM ``kind`` ("certificate" or "private key"), checked with ``cryptography``."""
     from cryptography import x509
@@ -153,7 +182,9 @@ class Children:
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, command: Sequence[str], env: Mapping[str, str], log: IO | None = None) -> subprocess.Popen:
+    def start(self, command: Sequence[str], env: Mapping[str, str],
+              log: IO | int | None = None) -> subprocess.Popen:
+        """``log``: a file or ``subprocess.PIPE`` for stdout and stderr together (None: this process's own)."""
         process = subprocess.Popen(list(command), env=dict(env), stdout=log, stderr=subprocess.STDOUT if log else None,
                                    start_new_session=True)
         self.processes.append(process)

@@ -5,6 +5,9 @@ Raw Flower equivalent (printed by ``--dry-run``)::
     flower-superlink --insecure --host H --port P --disable-runtime-dependency-installation
     FLWR_HOME=RUN/.flwr flwr run APP_ROOT crosssim --stream --run-config 'seed=0 … out="RUN" resume=false'
 
+With ``--auth-keys DIR`` the SuperLink runs with ``--enable-supernode-auth`` and, before ``flwr run``, each
+``DIR/*.pub`` is registered with ``flwr supernode register KEY crosssim --name NAME``.
+
 The whole effective config travels as run-config values (every key is declared in pyproject's
 ``[tool.flwr.app.config]``); the ServerApp writes it to ``RUN/config.toml``.
 """
@@ -12,11 +15,12 @@ The whole effective config travels as run-config values (every key is declared i
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from pathlib import Path
 
 from crosssim.boundary import FLWR_HOME_DIRNAME, OUT_KEY, RESUME_KEY, SUPERLINK_LOG_NAME, final_checkpoint
-from crosssim.certs import TlsFiles
+from crosssim.certs import TlsFiles, public_keys_in
 from crosssim.config import CrossSimConfig, to_run_config
 from crosssim.processes import (
     Children,
@@ -60,6 +64,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--ssl-ca-certfile", metavar="FILE", help="CA certificate (enables TLS with the two below)")
     security.add_argument("--ssl-certfile", metavar="FILE", help="SuperLink certificate (its SAN must cover --host)")
     security.add_argument("--ssl-keyfile", metavar="FILE", help="SuperLink private key")
+    security.add_argument("--auth-keys", metavar="DIR", help="admit registered hospitals only: register every "
+                          "DIR/*.pub (from `crosssim certs DIR --sites A,B`: DIR/auth-keys) before the run; a "
+                          "SuperNode without a registered key is refused (needs TLS)")
     parser.add_argument("--dry-run", action="store_true", help="print the raw Flower commands and exit")
 
 
@@ -99,6 +106,10 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
     tls = _tls_files(args)
     security = ["--insecure"] if tls is None else \
         ["--ssl-ca-certfile", tls[0], "--ssl-certfile", tls[1], "--ssl-keyfile", tls[2]]
+    if args.auth_keys:
+        if tls is None:
+            raise LaunchError("--auth-keys needs TLS: pass --tls-dir (Flower authenticates SuperNodes over TLS only)")
+        security.append("--enable-supernode-auth")
     # Without this flag the SuperLink would `uv sync` the app's dependencies (i.e. download torch).
     return ["flower-superlink", *security, "--host", args.host, "--port", str(args.port),
             "--disable-runtime-dependency-installation"]
@@ -111,6 +122,35 @@ def flwr_config_text(args: argparse.Namespace) -> str:
     address = f"{local_address(args.host)}:{args.port}"
     return (f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n[superlink.{CONNECTION_NAME}]\n'
             f'address = "{address}"\n{security}\n')
+
+
+def register_commands(args: argparse.Namespace) -> list[list[str]]:
+    """One ``flwr supernode register`` per public key of ``--auth-keys`` (named after its file)."""
+    if not args.auth_keys:
+        return []
+    try:
+        keys = public_keys_in(args.auth_keys)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    return [["flwr", "supernode", "register", str(key.resolve()), CONNECTION_NAME, "--name", key.stem]
+            for key in keys]
+
+
+def register_hospitals(commands: list[list[str]], env: dict[str, str]) -> None:
+    """Run each registration; the first one Flower refuses is a ``LaunchError`` with Flower's reason."""
+    for command in commands:
+        result = subprocess.run(command, env=flower_env(env), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise LaunchError(f"{command[3]}: Flower did not register this key ({_flower_reason(result)})")
+    if commands:
+        print(f"registered {len(commands)} hospital key(s): {', '.join(c[-1] for c in commands)}; only they may "
+              f"join", flush=True)
+
+
+def _flower_reason(result: subprocess.CompletedProcess) -> str:
+    """The text inside the box Flower's CLI draws around an error, on one line."""
+    text = " ".join(line.strip(" │╭╮╰╯─") for line in (result.stdout + result.stderr).splitlines())
+    return " ".join(text.split()) or f"exit code {result.returncode}"
 
 
 def run_command(cfg: CrossSimConfig, args: argparse.Namespace, app_root: Path, out: Path) -> list[str]:
@@ -134,11 +174,12 @@ def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
     flwr_home = out / FLWR_HOME_DIRNAME
     app_root = Path(args.app).resolve() if args.app else default_app_root()
     superlink, flwr_run = superlink_command(args), run_command(cfg, args, app_root, out)
+    registrations = register_commands(args)
     env = {"FLWR_HOME": str(flwr_home)}
     if args.dry_run:
         print(f"# {flwr_home / FLWR_CONFIG_NAME}\n{flwr_config_text(args)}")
-        print(describe_command(superlink, env))
-        print(describe_command(flwr_run, env))
+        for command in [superlink, *registrations, flwr_run]:
+            print(describe_command(command, env))
         return 0
     check_tls_files(args)
     require_free_port(args.host, args.port, "--port")
@@ -151,6 +192,7 @@ def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
         with open(out / SUPERLINK_LOG_NAME, "a") as log:
             link = children.start(superlink, flower_env(env), log)
             wait_for_port(local_address(args.host), args.port, SUPERLINK_START_TIMEOUT_S, link, "flower-superlink")
+            register_hospitals(registrations, env)
             print(f"SuperLink listening on {args.host}:{args.port} (log: {out / SUPERLINK_LOG_NAME}); hospitals join "
                   f"with: crosssim client --superlink HOST:{args.port} --data DIR --site NAME", flush=True)
             print(f"waiting for {cfg.federation.min_sites} site(s), then {cfg.federation.rounds} round(s) of "

@@ -1,11 +1,7 @@
-"""A real deployment on loopback over TLS: `crosssim server` (SuperLink) and two `crosssim client` (SuperNodes)."""
+"""A real deployment on loopback over TLS with SuperNode authentication: `crosssim server` (SuperLink) and two
+registered `crosssim client` (SuperNodes), while three hospitals that must not join are refused in one line."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,104 +9,69 @@ import pytest
 
 from crosssim.cli import main as crosssim_main
 from crosssim.data.synth import generate_hospitals
+from tests.deployment_kit import (POLL_INTERVAL_S, TINY, descendants, flower_ports_env, free_ports, launch,
+                                  logs_of, still_running, stop)
 
 RUN_TIMEOUT_S = 480  # 2 rounds; each message starts a fresh ClientApp process (torch import ≈ 5 s)
-STOP_TIMEOUT_S = 30
-POLL_INTERVAL_S = 1.0
-TINY = ["--set", "classes=normal,nodule,mass,effusion", "--set", "image-size=32", "--set", "batch-size=8", "--set", "local-epochs=1", "--set", "min-count=2",
-        "--set", "augment=false"]
-CLI = [sys.executable, "-m", "crosssim.cli"]
+REFUSAL_TIMEOUT_S = 120
 RUN_CONFIG_MIN_COUNT = 50  # more images than a tiny site has per class: every reported class count becomes 0
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the OS hands out for bind-to-0 (held together so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, state, start time) from /proc, or None when the process is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def descendants(roots: list[int]) -> set[tuple[int, int]]:
-    """(pid, start time) of every live process below ``roots``."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-            children.setdefault(stat[0], []).append(int(entry.name))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if (stat := _stat(child)) is not None:
-                found.add((child, stat[2]))
-                todo.append(child)
-    return found
-
-
-def still_running(processes: set[tuple[int, int]]) -> list[int]:
-    """Those of ``processes`` alive now (same start time, not a zombie)."""
-    return [pid for pid, start in processes if (stat := _stat(pid)) is not None and stat[2] == start and stat[1] != "Z"]
-
-
-def launch(args: list, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "w") as handle:
-        return subprocess.Popen([*CLI, *map(str, args)], env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the launcher (it stops its own children); SIGKILL its group only if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _error_line(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if line.startswith("crosssim client: error: ")]
+    assert len(lines) == 1, log.read_text()[-2000:]
+    return lines[0]
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process accounting reads /proc")
 @pytest.mark.e2e
-def test_superlink_and_two_supernodes_run_two_rounds_over_tls(tmp_path, capsys):
+def test_tls_federation_admits_only_registered_hospitals(tmp_path, capsys):
     hospitals = generate_hospitals(tmp_path / "sites", images_per_site=12, image_size=32)
-    link_port, node_ports, local_ports = (lambda p: (p[0], p[1:3], p[3:]))(free_ports(5))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(local_ports[0]),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(local_ports[1])}
-    run, tls = tmp_path / "run", tmp_path / "tls"
-    assert crosssim_main(["certs", str(tls), "--host", "127.0.0.1", "localhost"]) == 0  # the whole run is TLS
+    link_port, *node_ports = free_ports(8)
+    env = flower_ports_env(node_ports[-2:])
+    run, tls, other = tmp_path / "run", tmp_path / "tls", tmp_path / "other-ca"
+    assert crosssim_main(["certs", str(tls), "--host", "127.0.0.1", "localhost", "--sites", "a,b"]) == 0
+    assert crosssim_main(["certs", str(other), "--host", "127.0.0.1", "--sites", "intruder"]) == 0
     # min-count through Flower's own --run-config: the sites apply it to the class counts they report
     server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", 2, *TINY,
-                     "--tls-dir", tls, "--run-config", f"min-count={RUN_CONFIG_MIN_COUNT}"], env,
-                    tmp_path / "server.log")
-    clients = [launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
-                       "--cache", tmp_path / f"cache-{i}", "--root-certificates", tls / "ca.pem"],
-                      {**env, "FLWR_HOME": str(tmp_path / f"flwr-{i}")}, tmp_path / f"client-{i}.log")
-               for i, (site, port) in enumerate(zip(hospitals.source_sites[:2], node_ports))]
+                     "--tls-dir", tls, "--auth-keys", tls / "auth-keys",
+                     "--run-config", f"min-count={RUN_CONFIG_MIN_COUNT}"], env, tmp_path / "server.log")
+
+    def client(name: str, site: Path, port: int, security: list) -> tuple[str, object]:
+        return name, launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
+                             "--cache", tmp_path / f"cache-{name}", "--connect-timeout", 120, *security],
+                            {**env, "FLWR_HOME": str(tmp_path / f"flwr-{name}")}, tmp_path / f"client-{name}.log")
+
+    ca = ["--root-certificates", tls / "ca.pem"]
+    sources = hospitals.source_sites
+    clients = dict([client("a", sources[0], node_ports[0], [*ca, "--auth-key", tls / "sites" / "a.key"]),
+                    client("b", sources[1], node_ports[1], [*ca, "--auth-key", tls / "sites" / "b.key"])])
+    refused = dict([client("unregistered", sources[2], node_ports[2], [*ca, "--connect-timeout", 15, "--auth-key",
+                                                                       other / "sites" / "intruder.key"]),
+                    client("no-ca", sources[2], node_ports[3], []),
+                    client("other-ca", sources[2], node_ports[4], ["--root-certificates", other / "ca.pem"])])
     spawned: set[tuple[int, int]] = set()
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while server.poll() is None and time.monotonic() < deadline:
-            spawned |= descendants([server.pid, *(c.pid for c in clients)])
+            spawned |= descendants([server.pid, *(c.pid for c in [*clients.values(), *refused.values()])])
             time.sleep(POLL_INTERVAL_S)
-        spawned |= descendants([c.pid for c in clients])
+        for process in refused.values():
+            process.wait(timeout=REFUSAL_TIMEOUT_S)
+        spawned |= descendants([c.pid for c in clients.values()])
     finally:
-        for process in [*clients, server]:
+        for process in [*clients.values(), *refused.values(), server]:
             stop(process)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.glob("*.log")))
+    logs = logs_of(tmp_path)
     assert server.returncode == 0, logs
     assert not still_running(spawned), logs
     assert len(spawned) >= 5  # SuperLink, 2 SuperNodes, flwr run, ServerApp (at least) were seen and stopped
+    assert "registered 2 hospital key(s): a, b" in (tmp_path / "server.log").read_text()
+
+    assert all(process.returncode != 0 for process in refused.values()), logs
+    assert "has not registered it" in _error_line(tmp_path / "client-unregistered.log")
+    assert "uses TLS: pass --root-certificates" in _error_line(tmp_path / "client-no-ca.log")
+    assert f"{other / 'ca.pem'} does not vouch for" in _error_line(tmp_path / "client-other-ca.log")
 
     for name in ("round-0001.pt", "round-0002.pt", "final.pt"):
         assert (run / name).is_file(), name
@@ -127,6 +88,7 @@ def test_superlink_and_two_supernodes_run_two_rounds_over_tls(tmp_path, capsys):
             print(f"\ndeployment round {r['round']}: wall {r['wall_s']:.1f} s = site compute {compute:.1f} s "
                   f"+ everything else {r['wall_s'] - compute:.1f} s (process start, imports, data loading "
                   f"{max(r['load_s']):.2f} s, transport)")
+    assert all(r["sites"] == 2 and not r["failures"] for r in rounds)  # only the two registered hospitals trained
     assert all(max(r["train_compute_s"]) < r["wall_s"] for r in rounds)
     assert all(count == 0 for r in rounds for counts in r["class_counts"].values() for count in counts)
     assert f"min-count = {RUN_CONFIG_MIN_COUNT}" in (run / "config.toml").read_text()
@@ -157,3 +119,21 @@ def test_dry_run_with_tls_passes_certificates_instead_of_insecure(tmp_path, caps
                           "--dry-run"]) == 0
     client = capsys.readouterr().out
     assert "--root-certificates ca.crt" in client and "--insecure" not in client
+
+
+def test_auth_keys_need_tls_and_the_dry_run_registers_each_key(tmp_path, capsys):
+    assert crosssim_main(["certs", str(tmp_path / "tls"), "--host", "127.0.0.1", "--sites", "north,south"]) == 0
+    capsys.readouterr()
+    keys = tmp_path / "tls" / "auth-keys"
+    assert crosssim_main(["server", "--out", str(tmp_path / "run"), "--classes", "a,b", "--auth-keys", str(keys),
+                          "--dry-run"]) == 1
+    assert "--auth-keys needs TLS" in capsys.readouterr().err
+    assert crosssim_main(["server", "--out", str(tmp_path / "run"), "--classes", "a,b", "--tls-dir",
+                          str(tmp_path / "tls"), "--auth-keys", str(keys), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--enable-supernode-auth" in out
+    for name in ("north", "south"):
+        assert f"flwr supernode register {keys / name}.pub crosssim --name {name}" in out
+    assert crosssim_main(["client", "--superlink", "h:1", "--data", str(tmp_path), "--auth-key",
+                          str(tmp_path / "tls" / "sites" / "north.key")]) == 1
+    assert "--auth-key needs TLS" in capsys.readouterr().err
