@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from crosssim.adapt_options import ADAPT_METHODS
 
@@ -30,11 +31,33 @@ def _serve(args: argparse.Namespace) -> int:
     if token is None and args.host not in LOOPBACK_HOSTS:
         print(f"crosssim serve: warning: listening on {args.host} without --token-file: anyone who reaches "
               "the port can query the model")
+    certfile, keyfile = _tls_files(args)
     require_free_port(args.host, args.port, "--port")
     app = create_app(args.model_dir, int8=args.int8, token=token,
                      max_upload_bytes=int(args.max_upload_mb * BYTES_PER_MB), threads=args.threads)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
+                ssl_certfile=certfile, ssl_keyfile=keyfile)
     return 0
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The certificate and key to serve HTTPS with (from --tls-dir or the two --ssl-* files), each checked."""
+    from crosssim.certs import TlsFiles
+    from crosssim.processes import LaunchError, require_pem
+
+    if args.tls_dir and (args.ssl_certfile or args.ssl_keyfile):
+        raise LaunchError("give either --tls-dir or --ssl-certfile with --ssl-keyfile, not both")
+    if args.tls_dir:
+        files = TlsFiles(Path(args.tls_dir))
+        certfile, keyfile = str(files.server_cert), str(files.server_key)
+    elif bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise LaunchError("HTTPS needs --ssl-certfile and --ssl-keyfile together")
+    else:
+        certfile, keyfile = args.ssl_certfile, args.ssl_keyfile
+    if certfile:
+        require_pem(certfile, "certificate", "--ssl-certfile")
+        require_pem(keyfile, "private key", "--ssl-keyfile")
+    return certfile, keyfile
 
 
 def add_commands(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -76,4 +99,9 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     serve.add_argument("--int8", action="store_true", help="serve DIR/model-int8.onnx (export --quantize int8)")
     serve.add_argument("--threads", type=int, default=0,
                        help="ONNX Runtime intra-op threads (default 0: one per physical core)")
+    tls = serve.add_argument_group("HTTPS")
+    tls.add_argument("--tls-dir", metavar="DIR", help="serve HTTPS with DIR/server.pem and DIR/server.key from "
+                     "`crosssim certs DIR --host NAME` (clients trust DIR/ca.pem)")
+    tls.add_argument("--ssl-certfile", metavar="FILE", help="your own certificate (with --ssl-keyfile)")
+    tls.add_argument("--ssl-keyfile", metavar="FILE", help="its private key")
     serve.set_defaults(handler=_serve)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from crosssim.adapt import adapt_copy
+from crosssim.certs import write_certificates
 from crosssim.checkpoint import load_checkpoint
 from crosssim.cli import main as crosssim_main
 from crosssim.data.dicom import iter_candidate_files
@@ -153,18 +154,25 @@ BAD_UPLOADS = [  # (id, files or raw body builder, status, detail fragment)
 
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
-    """`crosssim serve` on a free loopback port with a bearer token; stopped by PID afterwards."""
-    token_file = tmp_path_factory.mktemp("token") / "token"
+    """`crosssim serve` over HTTPS on a free loopback port with a bearer token; stopped by PID afterwards."""
+    secrets = tmp_path_factory.mktemp("secrets")
+    token_file = secrets / "token"
     token_file.write_text(TOKEN + "\n")
+    tls = write_certificates(secrets / "tls", ["127.0.0.1"])
     port = first_free_port("127.0.0.1", SEARCH_FROM_PORT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "crosssim.cli", "serve", str(exported.folder), "--port",
-                                str(port), "--token-file", str(token_file), "--max-upload-mb", str(MAX_UPLOAD_MB)],
+                                str(port), "--token-file", str(token_file), "--max-upload-mb", str(MAX_UPLOAD_MB),
+                                "--tls-dir", str(tls.folder)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
         wait_for_port("127.0.0.1", port, SERVER_START_TIMEOUT_S, process, "crosssim serve")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S,
+        with pytest.raises(httpx.TransportError):  # HTTPS only: a plain-HTTP request gets no answer
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=REQUEST_TIMEOUT_S)
+        with pytest.raises(httpx.ConnectError):  # and a client that does not trust our CA refuses the server
+            httpx.get(f"https://127.0.0.1:{port}/health", timeout=REQUEST_TIMEOUT_S)
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S, verify=str(tls.ca),
                           headers={"authorization": f"Bearer {TOKEN}"}) as client:
             yield client
     finally:
