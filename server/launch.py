@@ -1,12 +1,16 @@
-"""`crosssim server`: a Flower SuperLink plus `flwr run` of this app, streamed until the run ends.
+r"""`crosssim server`: a Flower SuperLink plus `flwr run` of this app, streamed until the run ends.
 
 Raw Flower equivalent (printed by ``--dry-run``)::
 
-    flower-superlink --insecure --host H --port P --disable-runtime-dependency-installation
+    flower-superlink --insecure --host H --port P --database RUN/.flwr/superlink.db \
+        --disable-runtime-dependency-installation
     FLWR_HOME=RUN/.flwr flwr run APP_ROOT crosssim --stream --run-config 'seed=0 … out="RUN" resume=false'
 
-With ``--auth-keys DIR`` the SuperLink runs with ``--enable-supernode-auth`` and, before ``flwr run``, each
-``DIR/*.pub`` is registered with ``flwr supernode register KEY crosssim --name NAME``.
+The SuperLink keeps its state (connected SuperNodes, registered keys) in ``RUN/.flwr/superlink.db``, so after
+a crash ``crosssim server --resume`` finds the hospitals' SuperNodes still known and they reconnect by themselves;
+a fresh run (no ``--resume``) starts that state empty. With ``--auth-keys DIR`` the SuperLink runs with
+``--enable-supernode-auth`` and, before ``flwr run``, each ``DIR/*.pub`` is registered with
+``flwr supernode register KEY crosssim --name NAME``.
 
 The whole effective config travels as run-config values (every key is declared in pyproject's
 ``[tool.flwr.app.config]``); the ServerApp writes it to ``RUN/config.toml``.
@@ -41,6 +45,8 @@ DEFAULT_SUPERLINK_PORT = 8000  # Flower's default: one HTTP port for the Fleet, 
 SUPERLINK_START_TIMEOUT_S = 60.0
 CONNECTION_NAME = "crosssim"  # the SuperLink connection `flwr run` uses, in RUN/.flwr/config.toml
 FLWR_CONFIG_NAME = "config.toml"  # inside FLWR_HOME
+SUPERLINK_DATABASE_NAME = "superlink.db"  # inside FLWR_HOME: the SuperLink's state, kept for --resume
+ALREADY_REGISTERED = "already in use"  # Flower's reason when a key is registered in the kept state
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +108,7 @@ def check_tls_files(args: argparse.Namespace) -> None:
         require_pem(tls[2], "private key", "--ssl-keyfile")
 
 
-def superlink_command(args: argparse.Namespace) -> list[str]:
+def superlink_command(args: argparse.Namespace, database: Path) -> list[str]:
     tls = _tls_files(args)
     security = ["--insecure"] if tls is None else \
         ["--ssl-ca-certfile", tls[0], "--ssl-certfile", tls[1], "--ssl-keyfile", tls[2]]
@@ -112,7 +118,7 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
         security.append("--enable-supernode-auth")
     # Without this flag the SuperLink would `uv sync` the app's dependencies (i.e. download torch).
     return ["flower-superlink", *security, "--host", args.host, "--port", str(args.port),
-            "--disable-runtime-dependency-installation"]
+            "--database", str(database), "--disable-runtime-dependency-installation"]
 
 
 def flwr_config_text(args: argparse.Namespace) -> str:
@@ -140,7 +146,7 @@ def register_hospitals(commands: list[list[str]], env: dict[str, str]) -> None:
     """Run each registration; the first one Flower refuses is a ``LaunchError`` with Flower's reason."""
     for command in commands:
         result = subprocess.run(command, env=flower_env(env), capture_output=True, text=True)
-        if result.returncode != 0:
+        if result.returncode != 0 and ALREADY_REGISTERED not in result.stdout + result.stderr:
             raise LaunchError(f"{command[3]}: Flower did not register this key ({_flower_reason(result)})")
     if commands:
         print(f"registered {len(commands)} hospital key(s): {', '.join(c[-1] for c in commands)}; only they may "
@@ -173,7 +179,8 @@ def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     flwr_home = out / FLWR_HOME_DIRNAME
     app_root = Path(args.app).resolve() if args.app else default_app_root()
-    superlink, flwr_run = superlink_command(args), run_command(cfg, args, app_root, out)
+    database = flwr_home / SUPERLINK_DATABASE_NAME
+    superlink, flwr_run = superlink_command(args, database), run_command(cfg, args, app_root, out)
     registrations = register_commands(args)
     env = {"FLWR_HOME": str(flwr_home)}
     if args.dry_run:
@@ -185,6 +192,9 @@ def serve(cfg: CrossSimConfig, args: argparse.Namespace) -> int:
     require_free_port(args.host, args.port, "--port")
     started = time.time()
     flwr_home.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        for state in flwr_home.glob(f"{SUPERLINK_DATABASE_NAME}*"):  # with SQLite's -wal and -shm files
+            state.unlink()  # a fresh run knows no SuperNode of an earlier one
     (flwr_home / FLWR_CONFIG_NAME).write_text(flwr_config_text(args))
     stop_on_sigterm()
     children = Children()

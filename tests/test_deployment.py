@@ -98,7 +98,9 @@ def test_dry_run_prints_the_raw_flower_commands(tmp_path, capsys):
     assert crosssim_main(["server", "--out", str(tmp_path / "run"), "--port", "9999", "--classes", "a,b",
                           "--dry-run"]) == 0
     server = capsys.readouterr().out
-    superlink = "flower-superlink --insecure --host 127.0.0.1 --port 9999 --disable-runtime-dependency-installation"
+    database = tmp_path / "run" / ".flwr" / "superlink.db"
+    superlink = (f"flower-superlink --insecure --host 127.0.0.1 --port 9999 --database {database} "
+                 "--disable-runtime-dependency-installation")
     assert superlink in server
     assert "flwr run" in server and "--stream" in server and f'out="{tmp_path / "run"}"' in server
     assert 'address = "127.0.0.1:9999"' in server and not (tmp_path / "run").exists()
