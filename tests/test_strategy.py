@@ -334,3 +334,50 @@ def test_retries_spent_stop_the_run_with_one_line_and_the_last_complete_round_ke
     assert len(stop) == 1 and "\n" not in stop[0]
     assert stop[0].startswith("round 2: 1 of the 2 train replies a round needs (min-sites) after 1 retry(ies)")
     assert "node 1: no reply within the round timeout (5 s)" in stop[0] and "--resume" in stop[0]
+
+
+class CorruptingGrid(LoopbackGrid):
+    """A LoopbackGrid whose node ``bad`` really trains, then its train reply is spoiled: round 1 a NaN weight,
+    round 2 a wrong shape, round 3 1000x its update."""
+
+    def __init__(self, site_dirs, cache_dir, bad: int) -> None:
+        super().__init__(site_dirs, cache_dir)
+        self.bad = bad
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        sent = {m.metadata.dst_node_id: m.content["arrays"].to_torch_state_dict() for m in messages}
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.src_node_id != self.bad or reply.metadata.message_type != MessageType.TRAIN:
+                continue
+            server_round = self.sent[-1][0]
+            state = reply.content["arrays"].to_torch_state_dict()
+            key = next(k for k, v in state.items() if v.is_floating_point())
+            if server_round == 1:
+                state[key].view(-1)[0] = float("nan")
+            elif server_round == 2:
+                state[key] = torch.ones(3)
+            else:
+                start = sent[self.bad]
+                state = {k: start[k] + 1000 * (v - start[k]) if v.is_floating_point() else v
+                         for k, v in state.items()}
+            reply.content["arrays"] = ArrayRecord(state)
+        return replies
+
+
+def test_a_site_sending_nan_a_wrong_shape_or_1000x_is_rejected_every_round_and_the_run_equals_the_good_sites(
+        tmp_path, sites, flower_task):
+    cfg = load_config(None, {**TINY, "rounds": 3, "min-sites": 2, "strategy": "fedavg"})
+    bad_site = shutil.copytree(sites[0], tmp_path / "hospital-bad")
+    with_bad = load_checkpoint(run_federation(CorruptingGrid([*sites, bad_site], tmp_path / "cache", bad=3),
+                                              ServerSettings(cfg, tmp_path / "with-bad", False, 3), lambda _: None))
+    good_only = load_checkpoint(run_federation(LoopbackGrid(sites, tmp_path / "cache"),
+                                               ServerSettings(cfg, tmp_path / "good-only", False, 2), lambda _: None))
+    rounds = _rounds(tmp_path / "with-bad")
+    assert [len(r["rejected"]) for r in rounds] == [1, 1, 1] and all(r["sites"] == 2 for r in rounds)
+    reasons = [r["rejected"][0] for r in rounds]
+    assert all(reason.startswith("node 3: rejected: ") for reason in reasons)
+    assert "non-finite" in reasons[0] and "shape (3,)" in reasons[1] and "x the round's median" in reasons[2]
+    for key, value in good_only.state_dict.items():  # the aggregate is the two good sites' every round
+        assert torch.allclose(with_bad.state_dict[key].float(), value.float(), atol=1e-5), key
