@@ -50,32 +50,41 @@ def scalar_metrics_average(records: list[RecordDict], weighted_by_key: str) -> M
     return MetricRecord({k: v for k, v in averaged.items() if not isinstance(v, list)})
 
 
-def failure_line(msg: Message) -> str:
+def failure_line(msg: Message, node: int) -> str:
     """``node N: reason`` on one line, whether the site refused the message itself or Flower caught an exception."""
     reason = str(msg.error.reason)
     match = FLOWER_EXCEPTION_REASON.match(reason.strip())
     if match:
         message = match["message"].strip().splitlines()[-1] if match["message"].strip() else ""
         reason = f"{match['type'].rsplit('.', 1)[-1]}: {message.removeprefix('Message: ')}"
-    return f"node {msg.metadata.src_node_id}: {' '.join(reason.split())}"
+    return f"node {node}: {' '.join(reason.split())}"
 
 
 class RoundAborted(RuntimeError):
     """Fewer than min-sites train replies after every retry: the run stops at its last complete round."""
 
 
-def _split_replies(replies: Iterable[Message], sent_to: Iterable[int],
+def _split_replies(replies: Iterable[Message], sent: list[Message],
                    timeout_s: float) -> tuple[list[Message], list[str]]:
-    """Usable replies, and one failure line per error reply and per node that sent none before the timeout."""
+    """Usable replies, and one failure line per error reply and per node that sent none before the timeout.
+
+    An error the SuperLink writes itself (a node gone offline) comes from the SuperLink's own id: it is put on the
+    node the message went to, found by the message id it answers.
+    """
+    destination = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent if msg.metadata.message_id}
+    nodes = {msg.metadata.dst_node_id for msg in sent}
     ok, errors, replied = [], [], set()
     for msg in replies:
-        replied.add(msg.metadata.src_node_id)
+        node = msg.metadata.src_node_id
+        if node not in nodes:
+            node = destination.get(msg.metadata.reply_to_message_id, node)
+        replied.add(node)
         if msg.has_error():
-            errors.append(failure_line(msg))
+            errors.append(failure_line(msg, node))
         else:
             ok.append(msg)
     errors += [f"node {node}: no reply within the round timeout ({timeout_s:g} s)"
-               for node in sorted(set(sent_to) - replied)]
+               for node in sorted(nodes - replied)]
     return ok, errors
 
 
@@ -101,8 +110,8 @@ class CrossSimStrategy(FedAvg):
         self.cfg, self.classes, self.store, self.progress = cfg, classes, store, progress
         self.min_replies = min_replies  # labeled train replies a round needs (else it is retried, then the run stops)
         self.train_call: tuple[ArrayRecord, ConfigRecord, Grid] | None = None  # this round's, for a retry
-        self.train_sent_to: list[int] = []
-        self.evaluate_sent_to: list[int] = []
+        self.train_sent: list[Message] = []  # this round's train messages (Flower sets their ids as it sends them)
+        self.evaluate_sent: list[Message] = []
         self.failed_nodes: set[int] = set()  # nodes whose train reply failed this round: not asked to evaluate
         self.global_state = dict(global_state)
         self.round_offset = round_offset
@@ -160,7 +169,7 @@ class CrossSimStrategy(FedAvg):
         self.train_call = (arrays, config, grid)
         messages = self._with_summaries(super().configure_train(record.round, self._to_wire(arrays), config, grid),
                                         style_bank=uses_style_bank(self.cfg))
-        self.train_sent_to = [msg.metadata.dst_node_id for msg in messages]
+        self.train_sent = messages
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -168,7 +177,7 @@ class CrossSimStrategy(FedAvg):
         """Prototypes count-weighted and removed from each reply, then Flower's mean, median or trimmed mean of the
         weights (float32); a round with fewer than min-sites usable replies is sent again (``round-retries``)."""
         record = self.round_record(server_round)
-        ok, errors = _split_replies(replies, self.train_sent_to, self.cfg.federation.round_timeout_s)
+        ok, errors = _split_replies(replies, self.train_sent, self.cfg.federation.round_timeout_s)
         for line in errors:
             self.progress(f"round {record.round}: {line}")
         record.failures += errors
@@ -176,7 +185,7 @@ class CrossSimStrategy(FedAvg):
         trained = [msg for msg in ok if ARRAYS_RECORD in msg.content]
         if len(trained) < self.min_replies:
             return self._retry(server_round, record, len(trained))
-        self.failed_nodes = set(self.train_sent_to) - {msg.metadata.src_node_id for msg in ok}
+        self.failed_nodes = {m.metadata.dst_node_id for m in self.train_sent} - {m.metadata.src_node_id for m in ok}
         self.style_bank = aggregate_bank(self.style_bank, styles)
         targets = [msg for msg in ok if ARRAYS_RECORD not in msg.content]  # unlabeled: a style and a count only
         self.target_nodes |= {msg.metadata.src_node_id for msg in targets}
@@ -269,13 +278,13 @@ class CrossSimStrategy(FedAvg):
         skipped = self.target_nodes | self.failed_nodes
         messages = self._with_summaries([m for m in messages if m.metadata.dst_node_id not in skipped],
                                         style_bank=False)
-        self.evaluate_sent_to = [msg.metadata.dst_node_id for msg in messages]
+        self.evaluate_sent = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Scalar averages for the log; pooled histogram, accuracy and prevalence become the ATC reference."""
         record = self.round_record(server_round)
-        ok, errors = _split_replies(replies, self.evaluate_sent_to, self.cfg.federation.round_timeout_s)
+        ok, errors = _split_replies(replies, self.evaluate_sent, self.cfg.federation.round_timeout_s)
         for line in errors:
             self.progress(f"round {record.round} (evaluate): {line}")
         site_metrics = [msg.content[METRICS_RECORD] for msg in ok]

@@ -65,31 +65,37 @@ class Federation:
         assert kill_tree(victim) >= 2
         assert [r["round"] for r in rounds_logged(self.run)] == [1]  # killed inside round 2
 
-    def wait_for(self, server) -> None:
+    def finished(self, server) -> str:
+        """Wait for ``server`` to end, stop every process, check it succeeded and left nothing running; the logs."""
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while server.poll() is None and time.monotonic() < deadline:
             self.clientapps(self.processes)
             time.sleep(0.5)
+        self.stop_all()
+        logs = logs_of(self.tmp)
+        assert server.returncode == 0, logs
+        assert not still_running(self.spawned), logs
+        return logs
 
     def stop_all(self) -> None:
         self.spawned |= descendants([p.pid for p in self.processes if p.poll() is None])
         for process in reversed(self.processes):
             stop(process)
 
+    def __enter__(self) -> "Federation":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop_all()  # whatever failed, every process this test started is stopped by PID
+
 
 def test_a_site_killed_in_round_2_fails_that_round_only_and_rejoins_when_restarted(tmp_path):
-    fed = Federation(tmp_path, sites=4)
-    clients = [fed.client(i, f"site-{i}") for i in range(3)]  # first: they wait for the SuperLink
-    server = fed.server("server", "--min-sites", 2, "--rounds", 3)
-    try:
+    with Federation(tmp_path, sites=4) as fed:
+        clients = [fed.client(i, f"site-{i}") for i in range(3)]  # first: they wait for the SuperLink
+        server = fed.server("server", "--min-sites", 2, "--rounds", 3)
         fed.kill_in_round_2(clients[2], [server])
         fed.client(2, "site-2-restarted")
-        fed.wait_for(server)
-    finally:
-        fed.stop_all()
-    logs = logs_of(tmp_path)
-    assert server.returncode == 0, logs
-    assert not still_running(fed.spawned), logs
+        logs = fed.finished(server)
     rounds = rounds_logged(fed.run)
     assert [r["round"] for r in rounds] == [1, 2, 3], logs
     first, second = rounds[0], rounds[1]
@@ -104,21 +110,13 @@ def test_a_site_killed_in_round_2_fails_that_round_only_and_rejoins_when_restart
 
 
 def test_the_server_killed_in_round_2_resumes_from_latest_with_no_round_lost_or_repeated(tmp_path):
-    fed = Federation(tmp_path, sites=2)
-    clients = [fed.client(i, f"site-{i}") for i in range(2)]
     args = ["--min-sites", 2, "--rounds", 2, "--set", "style-mix-probability=0.5"]  # the style bank is state too
-    first = fed.server("server", *args)
-    try:
-        fed.kill_in_round_2(first, clients)
+    with Federation(tmp_path, sites=2) as fed:
+        clients = [fed.client(i, f"site-{i}") for i in range(2)]
+        fed.kill_in_round_2(fed.server("server", *args), clients)
         after_round_1 = load_checkpoint(fed.run / "latest.pt")
         assert after_round_1.round == 1
-        resumed = fed.server("server-resumed", *args, "--resume")
-        fed.wait_for(resumed)
-    finally:
-        fed.stop_all()
-    logs = logs_of(tmp_path)
-    assert resumed.returncode == 0, logs
-    assert not still_running(fed.spawned), logs
+        logs = fed.finished(fed.server("server-resumed", *args, "--resume"))
     assert f"resuming {fed.run} after round 1" in (tmp_path / "server-resumed.log").read_text()
     assert [r["round"] for r in rounds_logged(fed.run)] == [1, 2], logs  # each exactly once
     final = load_checkpoint(fed.run / "final.pt")

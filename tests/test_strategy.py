@@ -7,7 +7,9 @@ from collections.abc import Iterable
 
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import (DEFAULT_TTL, ArrayRecord, Context, Error, Message, MessageType, Metadata, MetricRecord,
+                      RecordDict)
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from client.app import app as client_app
@@ -22,7 +24,7 @@ from crosssim.prototypes import Prototypes
 from crosssim.style import bank_from_arrays, layer_channels
 from server.app import ServerSettings, run_federation
 from server.store import RunStore
-from server.strategy import build_strategy
+from server.strategy import _split_replies, build_strategy
 
 CLASSES = ("normal", "nodule", "mass", "effusion")
 TINY = {"classes": ",".join(CLASSES), "image-size": 32, "batch-size": 8, "local-epochs": 1, "min-count": 2,
@@ -381,3 +383,22 @@ def test_a_site_sending_nan_a_wrong_shape_or_1000x_is_rejected_every_round_and_t
     assert "non-finite" in reasons[0] and "shape (3,)" in reasons[1] and "x the round's median" in reasons[2]
     for key, value in good_only.state_dict.items():  # the aggregate is the two good sites' every round
         assert torch.allclose(with_bad.state_dict[key].float(), value.float(), atol=1e-5), key
+
+
+def _message(src: int, dst: int, message_id: str, reply_to: str = "", error: Error | None = None) -> Message:
+    metadata = Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst,
+                        reply_to_message_id=reply_to, group_id="1", created_at=time.time(), ttl=DEFAULT_TTL,
+                        message_type=MessageType.TRAIN)
+    if error is None:
+        return Message(content=RecordDict(), metadata=metadata)
+    return Message(error=error, metadata=metadata)
+
+
+def test_an_offline_node_error_from_the_superlink_is_put_on_that_node_once():
+    superlink = 1  # Flower writes "node unavailable" replies from the SuperLink's own node id
+    sent = [_message(0, node, f"m{node}") for node in (11, 12, 13)]
+    offline = _message(superlink, superlink, "", reply_to="m12",
+                       error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"))
+    ok, errors = _split_replies([_message(11, 0, "r11", "m11"), offline], sent, timeout_s=5)
+    assert [m.metadata.src_node_id for m in ok] == [11]
+    assert errors == ["node 12: Node Unavailable", "node 13: no reply within the round timeout (5 s)"]
