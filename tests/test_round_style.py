@@ -60,9 +60,9 @@ def three_sites(tmp_path_factory):
                               image_size=32).source_sites
 
 
+@pytest.mark.usefixtures("flower_task")
 @pytest.mark.parametrize("strategy", ["crosssim", "fedbn"])
-def test_one_message_rounds_write_the_records_and_checkpoints_of_two_message_rounds(tmp_path, three_sites, strategy,
-                                                                                   flower_task):
+def test_one_message_rounds_write_the_records_and_checkpoints_of_two_message_rounds(tmp_path, three_sites, strategy):
     runs, grids = {}, {}
     for style in ("two-messages", "one-message"):
         cfg = load_config(None, {**TINY, "strategy": strategy, "rounds": ROUNDS, "round-style": style})
