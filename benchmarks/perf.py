@@ -12,8 +12,10 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
    already in memory;
 3. cold vs cached site load (``benchmarks/load.py``'s ``measure``);
 4. a loopback deployment (SuperLink + 2 SuperNodes via ``crosssim server`` / ``crosssim client``, as in
-   tests/test_deployment.py): each round's wall time split into site compute, data load and the rest
-   (process start, imports, transport) from ``RUN/rounds.jsonl``;
+   tests/test_deployment.py), today's rounds (two messages, Flower's poll intervals) and this checkout's
+   defaults one after the other: each round's wall time split into message delivery wait, ClientApp start,
+   imports, data load, model build, compute, reply transport and the server's aggregation + checkpoint, from the
+   server's and the sites' wall-clock instants in ``RUN/rounds.jsonl``;
 5. bytes per round per client by record (weights, prototypes, metrics, config; both directions) with
    ``update-dtype`` float16 vs float32, serialized by Flower's own protobuf serde from the records the
    ClientApp's train/evaluate handlers return; and the target accuracy of a small ``crosssim simulate``
@@ -21,7 +23,7 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
 6. peak memory (summed PSS/RSS of the whole process tree, read from /proc) and round times of a 20-site
    ``crosssim simulate`` of tiny sites vs a 2-site one of the same kind of sites.
 
-    .venv/bin/python benchmarks/perf.py [--quick | --full] [--out benchmarks/results/perf.json]
+    .venv/bin/python benchmarks/perf.py [--quick | --full] [--steps 1,2,...] [--out benchmarks/results/perf.json]
 
 ``--quick`` (default) takes about 6-10 minutes on 2 CPU cores; ``--full`` uses larger sites, more
 repeats and rounds. Timings on a shared machine are noisy: the load average is recorded before and after.
@@ -97,9 +99,9 @@ class Sizes:
     many_rounds: int
 
 
-SIZES = {"quick": Sizes(images_per_site=160, epochs=1, repeats=5, load_repeats=2, deploy_rounds=3,
+SIZES = {"quick": Sizes(images_per_site=160, epochs=1, repeats=5, load_repeats=2, deploy_rounds=5,
                         accuracy_rounds=8, tiny_images=24, many_sites=20, many_rounds=2),
-         "full": Sizes(images_per_site=480, epochs=2, repeats=7, load_repeats=3, deploy_rounds=5,
+         "full": Sizes(images_per_site=480, epochs=2, repeats=7, load_repeats=3, deploy_rounds=10,
                        accuracy_rounds=12, tiny_images=48, many_sites=20, many_rounds=3)}
 TINY_SETTINGS = {"classes": ",".join(SYNTH_CLASSES), "image-size": TINY_SIZE_PX, "local-epochs": 1, "min-count": 2}
 FLOWER_REPLY_POLL_S = 3.0  # flwr.superlink.grid.http_grid.HttpGrid.send_and_receive: time.sleep(3) between pulls
@@ -110,8 +112,8 @@ DEPLOY_VARIANTS = {
                {SUPEREXEC_POLL_ENV: str(FLOWER_SUPEREXEC_POLL_S)}),
     "after": ({}, {}),
 }
-ROUND_PHASES = ("message delivery wait", "ClientApp process start (Python, flwr)",
-                "imports of client.app (torch, crosssim)", "message pull into the ClientApp", "data load (cache)",
+ROUND_PHASES = ("message delivery wait", "ClientApp start (Python, flwr, message + FAB pull)",
+                "imports of client.app (torch, crosssim)", "ClientApp load → handler (Flower)", "data load (cache)",
                 "model build", "compute", "reply transport", "server: aggregation + checkpoint")
 
 
@@ -380,9 +382,9 @@ def round_breakdown(record: dict[str, Any]) -> dict[str, float]:
             continue
         last = max(sites, key=lambda t: t[REPLY_PACKED])
         phases["message delivery wait"] += last[PROCESS_STARTED] - sent
-        phases["ClientApp process start (Python, flwr)"] += last[IMPORTS_STARTED] - last[PROCESS_STARTED]
+        phases["ClientApp start (Python, flwr, message + FAB pull)"] += last[IMPORTS_STARTED] - last[PROCESS_STARTED]
         phases["imports of client.app (torch, crosssim)"] += last[IMPORTS_DONE] - last[IMPORTS_STARTED]
-        phases["message pull into the ClientApp"] += last[HANDLER_STARTED] - last[IMPORTS_DONE]
+        phases["ClientApp load → handler (Flower)"] += last[HANDLER_STARTED] - last[IMPORTS_DONE]
         phases["data load (cache)"] += last[DATA_LOADED] - last[HANDLER_STARTED]
         phases["model build"] += last[MODEL_BUILT] - last[DATA_LOADED]
         phases["compute"] += last[COMPUTE_DONE] - last[MODEL_BUILT]
