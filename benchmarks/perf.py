@@ -691,12 +691,16 @@ def main() -> None:
             report.progress(f"step {number}/{len(ALL_STEPS)}: {title}")
             run()
 
+    now = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
+    step_runs = {str(n): now for n in sorted(steps)}
     if steps != set(ALL_STEPS) and args.out.is_file():
-        report.merge(json.loads(args.out.read_text()), steps)
+        earlier = json.loads(args.out.read_text())
+        report.merge(earlier, steps)
+        old = {n: {"date": earlier.get("date"), "git_commit": earlier.get("git_commit")} for n in map(str, ALL_STEPS)}
+        step_runs = {**old, **earlier.get("step_runs", {}), **step_runs}
     table = report.table()
     print(table)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "machine": machine(default_threads), "mode": mode,
+    result = {**now, "step_runs": step_runs, "machine": machine(default_threads), "mode": mode,
               "torch_threads_in_process": args.threads, "sizes": asdict(sizes),
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "seconds": time.perf_counter() - report.started, "rows": report.rows, "details": report.details,

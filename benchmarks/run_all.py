@@ -169,6 +169,17 @@ def load_table(load: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _step_runs_line(perf: Mapping[str, Any]) -> list[str]:
+    """Which run measured which steps, when ``perf.py --steps`` replaced some of them."""
+    by_run: dict[tuple[str, str], list[str]] = {}
+    for step, run in perf.get("step_runs", {}).items():
+        by_run.setdefault((str(run.get("date")), str(run.get("git_commit"))[:12]), []).append(step)
+    if len(by_run) < 2:
+        return []
+    return [" Steps " + "; steps ".join(f"{', '.join(steps)} from the run of {date} at commit {commit}"
+                                        for (date, commit), steps in by_run.items()) + "."]
+
+
 def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
     """perf.py step 4: a deployment round, phase by phase (mean over rounds, seconds), before and after."""
     before, after = deployment["before"], deployment["after"]
@@ -244,7 +255,8 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
         out += ["## System performance, side by side (`benchmarks/perf.py`)", "",
                 f"Run {perf.get('date', '?')} at commit {str(perf.get('git_commit', '?'))[:12]}, mode "
                 f"{perf.get('mode', '?')}, {perf.get('torch_threads_in_process', '?')} torch thread(s) in process; "
-                "every ratio is A/B measured in the same run.", "", str(perf.get("table", "")).rstrip(), ""]
+                "every ratio is A/B measured in the same run.", *_step_runs_line(perf), "",
+                str(perf.get("table", "")).rstrip(), ""]
         deployment = perf.get("details", {}).get("deployment")
         if deployment and "before" in deployment:
             out += deployment_table(deployment)
