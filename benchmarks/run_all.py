@@ -185,8 +185,10 @@ def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
     before, after = deployment["before"], deployment["after"]
     rounds = len(after["rounds"])
     lines = ["### A deployment round, phase by phase", "",
-             f"Loopback, 2 SuperNodes of {deployment.get('images_per_site', '?')} images, {rounds} rounds each, "
-             "one after the other in the same run; per round, along the site the server waited for, from the "
+             f"Loopback, 2 SuperNodes of {deployment.get('images_per_site', '?')} images, {rounds} rounds each; "
+             f"{len(after.get('repeats', [after]))} before/after pairs interleaved in the same run, the least "
+             "disturbed run of each (lowest mean round wall) shown; per round, along the site the server waited "
+             "for, from the "
              "server's and the sites' wall-clock instants (`RUN/rounds.jsonl`: `timeline`, `site_timings`). "
              "Before: two messages a round (train, then evaluate), Flower's 3 s reply poll, SuperExec's 1 s poll. "
              "After: this commit's defaults (one message a round plus one final evaluate message, 0.25 s reply "
