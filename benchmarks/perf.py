@@ -50,7 +50,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # benchmarks.load and tests.test_deployment are reused, not copied
+    sys.path.insert(0, str(ROOT))  # benchmarks.load and tests.deployment_kit are reused, not copied
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ from crosssim.model import build_model
 from crosssim.processes import SUPEREXEC_POLL_ENV
 from crosssim.prototypes import compute_prototypes
 from crosssim.train import infer, resolve_device, seed_everything, train_local
-from tests.test_deployment import descendants, free_ports, launch, stop
+from tests.deployment_kit import descendants, flower_ports_env, free_ports, launch, stop
 
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "perf.json"
 ALL_STEPS = (1, 2, 3, 4, 5, 6)
@@ -347,8 +347,7 @@ def deploy(sites: list[Path], work: Path, name: str, rounds: int, overrides: dic
            env_extra: dict[str, str]) -> tuple[list[dict[str, Any]], float]:
     """One loopback deployment with ``overrides`` (and ``env_extra`` for every process); (its records, whole s)."""
     link_port, *node_ports, http_port, control_port = free_ports(5)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), "PYTHONPATH": str(ROOT), **env_extra}
+    env = {**flower_ports_env([http_port, control_port]), "PYTHONPATH": str(ROOT), **env_extra}
     run = work / f"deploy-{name}"
     started = time.perf_counter()
     server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", rounds,
