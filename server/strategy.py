@@ -317,10 +317,11 @@ class CrossSimStrategy(FedAvg):
 
     def _take_reports(self, kind: str, record: RoundRecord, replies: Iterable[Message]) -> list[Message]:
         """``replies`` with each one's timings moved into ``record``; with one-message, the evaluations that train
-        replies bring complete the previous round (its evaluate part, ATC reference, checkpoint and log line)."""
+        replies bring complete the previous round (its evaluate part, ATC reference, checkpoint and log line), from
+        the nodes two-messages would have asked: not targets, nor those whose train reply failed in that round."""
         record.timeline[f"{kind}-received"] = time.time()
         replies = list(replies)
-        evaluations = []
+        evaluations: dict[int, MetricRecord] = {}
         for msg in replies:
             if msg.has_error():
                 continue
@@ -329,12 +330,14 @@ class CrossSimStrategy(FedAvg):
                 record.site_timings[f"{kind} node {msg.metadata.src_node_id}"] = {k: float(v) for k, v in
                                                                                     timings.items()}
             if EVALUATION_RECORD in msg.content:
-                evaluations.append(msg.content.pop(EVALUATION_RECORD))
+                evaluations[msg.metadata.src_node_id] = msg.content.pop(EVALUATION_RECORD)
         if kind == "train" and self.pending is not None:
             previous, ckpt = self.pending
             self.pending = None
-            _, errors = _split_replies(replies, self.train_sent_to, self.cfg.federation.round_timeout_s)
-            self._evaluated(previous, evaluations, errors)
+            asked = [node for node in self.train_sent_to if node not in self.failed_nodes | self.target_nodes]
+            _, errors = _split_replies([msg for msg in replies if msg.metadata.src_node_id in asked], asked,
+                                       self.cfg.federation.round_timeout_s)
+            self._evaluated(previous, [m for node, m in evaluations.items() if node in asked], errors)
             self._save(previous, dataclasses.replace(ckpt, source=self.source))
         return replies
 

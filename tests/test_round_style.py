@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from test_strategy import TINY, LoopbackGrid, flower_task  # noqa: F401  (flower
 from crosssim.boundary import COMPUTE_SECONDS, LOAD_SECONDS, ROUND_EVALUATE
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import load_config, to_flat
+from crosssim.data.sites import LABELS_FILENAME, read_labels_csv, write_labels_csv
 from crosssim.data.synth import generate_hospitals
 from server.app import ServerSettings, run_federation
 
@@ -60,15 +62,40 @@ def three_sites(tmp_path_factory):
                               image_size=32).source_sites
 
 
+def _both_styles(tmp_path, site_dirs, overrides: dict) -> tuple[dict, dict]:
+    """The same federation run with each round style: (run folders, grids) by style."""
+    runs, grids = {}, {}
+    for style in ("two-messages", "one-message"):
+        cfg = load_config(None, {**TINY, "rounds": ROUNDS, "round-style": style, **overrides})
+        grids[style] = LoopbackGrid(site_dirs, tmp_path / f"cache-{style}")
+        runs[style] = tmp_path / style
+        assert run_federation(grids[style], ServerSettings(cfg, runs[style], False, len(site_dirs)),
+                              lambda _: None) is not None
+    return runs, grids
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+
+
+def assert_same_records_and_checkpoints(runs: dict) -> None:
+    """rounds.jsonl without its timings, and every checkpoint but for the config's round-style, agree."""
+    records = {style: _records(run) for style, run in runs.items()}
+    assert [r["round"] for r in records["one-message"]] == list(range(1, ROUNDS + 1))
+    for one, two in zip(records["one-message"], records["two-messages"], strict=True):
+        assert same(content(one), content(two)), one["round"]
+    for name in [f"round-{r:04d}.pt" for r in range(1, ROUNDS + 1)] + ["latest.pt", "final.pt"]:
+        one, two = (load_checkpoint(runs[style] / name) for style in ("one-message", "two-messages"))
+        assert one.source is not None and one.source.count > 0
+        flat_one, flat_two = to_flat(one.config), to_flat(two.config)
+        assert {k for k in flat_one if flat_one[k] != flat_two[k]} == {"round-style"}
+        assert same(one, dataclasses.replace(two, config=one.config)), name
+
+
 @pytest.mark.usefixtures("flower_task")
 @pytest.mark.parametrize("strategy", ["crosssim", "fedbn"])
 def test_one_message_rounds_write_the_records_and_checkpoints_of_two_message_rounds(tmp_path, three_sites, strategy):
-    runs, grids = {}, {}
-    for style in ("two-messages", "one-message"):
-        cfg = load_config(None, {**TINY, "strategy": strategy, "rounds": ROUNDS, "round-style": style})
-        grids[style] = LoopbackGrid(three_sites, tmp_path / f"cache-{style}")
-        runs[style] = tmp_path / style
-        assert run_federation(grids[style], ServerSettings(cfg, runs[style], False, 3), lambda _: None) is not None
+    runs, grids = _both_styles(tmp_path, three_sites, {"strategy": strategy})
 
     def kinds(style: str) -> list[str]:
         return [m.metadata.message_type for _, m in grids[style].sent]
@@ -78,20 +105,20 @@ def test_one_message_rounds_write_the_records_and_checkpoints_of_two_message_rou
     assert kinds("one-message") == [MessageType.TRAIN] * sites * ROUNDS + [MessageType.EVALUATE] * sites
     asked = [bool(c[ROUND_EVALUATE]) for c in grids["one-message"].train_configs]
     assert asked == [False] * sites + [True] * sites * (ROUNDS - 1)  # round k evaluates round k-1's model
+    assert_same_records_and_checkpoints(runs)
+    for record in _records(runs["one-message"]):
+        assert record["evaluate"]["val-accuracy"] >= 0 and len(record["evaluate_compute_s"]) == sites
+        assert {k.split()[0] for k in record["site_timings"]} == ({"train", "evaluate"} if record["round"] == ROUNDS
+                                                                 else {"train"})
 
-    records = {style: [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
-               for style, run in runs.items()}
-    assert [r["round"] for r in records["one-message"]] == list(range(1, ROUNDS + 1))
-    assert all(r["evaluate"]["val-accuracy"] >= 0 and len(r["evaluate_compute_s"]) == sites
-               for r in records["one-message"])
-    for one, two in zip(records["one-message"], records["two-messages"]):
-        assert same(content(one), content(two)), one["round"]
-        assert {k.split()[0] for k in one["site_timings"]} == ({"train", "evaluate"} if one["round"] == ROUNDS
-                                                              else {"train"})
 
-    for name in [f"round-{r:04d}.pt" for r in range(1, ROUNDS + 1)] + ["latest.pt", "final.pt"]:
-        one, two = (load_checkpoint(runs[style] / name) for style in ("one-message", "two-messages"))
-        assert one.source is not None and one.source.count > 0
-        flat_one, flat_two = to_flat(one.config), to_flat(two.config)
-        assert {k for k in flat_one if flat_one[k] != flat_two[k]} == {"round-style"}
-        assert same(one, dataclasses.replace(two, config=one.config)), name
+@pytest.mark.usefixtures("flower_task")
+def test_a_site_failing_every_round_leaves_the_same_records_in_both_styles(tmp_path, three_sites):
+    bad = shutil.copytree(three_sites[2], tmp_path / "hospital-x")
+    rows = list(read_labels_csv(bad / LABELS_FILENAME).items())
+    write_labels_csv(bad / LABELS_FILENAME, [(path, "pneumothorax" if i == 0 else label)
+                                            for i, (path, label) in enumerate(rows)])
+    runs, _ = _both_styles(tmp_path, [*three_sites[:2], bad], {"min-sites": 2})
+    assert_same_records_and_checkpoints(runs)
+    records = _records(runs["one-message"])
+    assert all(len(r["failures"]) == 1 and r["sites"] == 2 and not r["evaluate_failures"] for r in records)
