@@ -12,8 +12,10 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
    already in memory;
 3. cold vs cached site load (``benchmarks/load.py``'s ``measure``);
 4. a loopback deployment (SuperLink + 2 SuperNodes via ``crosssim server`` / ``crosssim client``, as in
-   tests/test_deployment.py): each round's wall time split into site compute, data load and the rest
-   (process start, imports, transport) from ``RUN/rounds.jsonl``;
+   tests/test_deployment.py), today's rounds (two messages, Flower's poll intervals) and this checkout's
+   defaults one after the other: each round's wall time split into message delivery wait, ClientApp start,
+   imports, data load, model build, compute, reply transport and the server's aggregation + checkpoint, from the
+   server's and the sites' wall-clock instants in ``RUN/rounds.jsonl``;
 5. bytes per round per client by record (weights, prototypes, metrics, config; both directions) with
    ``update-dtype`` float16 vs float32, serialized by Flower's own protobuf serde from the records the
    ClientApp's train/evaluate handlers return; and the target accuracy of a small ``crosssim simulate``
@@ -21,7 +23,7 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
 6. peak memory (summed PSS/RSS of the whole process tree, read from /proc) and round times of a 20-site
    ``crosssim simulate`` of tiny sites vs a 2-site one of the same kind of sites.
 
-    .venv/bin/python benchmarks/perf.py [--quick | --full] [--out benchmarks/results/perf.json]
+    .venv/bin/python benchmarks/perf.py [--quick | --full] [--steps 1,2,...] [--out benchmarks/results/perf.json]
 
 ``--quick`` (default) takes about 6-10 minutes on 2 CPU cores; ``--full`` uses larger sites, more
 repeats and rounds. Timings on a shared machine are noisy: the load average is recorded before and after.
@@ -48,7 +50,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # benchmarks.load and tests.test_deployment are reused, not copied
+    sys.path.insert(0, str(ROOT))  # benchmarks.load and tests.deployment_kit are reused, not copied
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +60,9 @@ from flwr.common.serde import array_record_to_proto, config_record_to_proto, met
 
 from benchmarks.load import measure as measure_site_load
 from client.app import app as client_app
-from crosssim.boundary import (ARRAYS_RECORD, CONFIG_RECORD, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, ROUNDS_LOG_NAME,
-                               SERVER_ROUND)
+from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_DONE, CONFIG_RECORD, DATA_LOADED, HANDLER_STARTED, IMPORTS_DONE,
+                               IMPORTS_STARTED, MODEL_BUILT, PROCESS_STARTED, PROTOTYPES_RECORD, REPLY_PACKED,
+                               ROUND_LAMBDA, ROUND_LR, ROUNDS_LOG_NAME, SERVER_ROUND)
 from crosssim.config import CrossSimConfig, load_config
 from crosssim.data.sites import load_site
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
@@ -67,11 +70,13 @@ from crosssim.data.synth import generate_hospitals
 from crosssim.evaluate import evaluate_site
 from crosssim.federated import LocalSite, federated_classes, prototypes_to_arrays, round_schedule, to_wire, wire_config
 from crosssim.model import build_model
+from crosssim.processes import SUPEREXEC_POLL_ENV
 from crosssim.prototypes import compute_prototypes
 from crosssim.train import infer, resolve_device, seed_everything, train_local
-from tests.test_deployment import descendants, free_ports, launch, stop
+from tests.deployment_kit import descendants, flower_ports_env, free_ports, launch, stop
 
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "perf.json"
+ALL_STEPS = (1, 2, 3, 4, 5, 6)
 CLI = [sys.executable, "-m", "crosssim.cli"]
 DEPLOY_TIMEOUT_S = 480.0  # like tests/test_deployment.py: each message starts a fresh ClientApp process
 SIMULATE_TIMEOUT_S = 600.0
@@ -88,17 +93,29 @@ class Sizes:
     repeats: int  # interleaved repeats per variant (throughput: best reported, as timeit does; others: median)
     load_repeats: int  # cold/cached pairs (benchmarks/load.py)
     deploy_rounds: int
+    deploy_repeats: int  # before/after deployment pairs, interleaved; the least disturbed (lowest mean wall) reported
     accuracy_rounds: int  # float16 vs float32 simulation (constant LR: a short run still learns)
     tiny_images: int  # per tiny site (deployment, 2- and 20-site simulations)
     many_sites: int
     many_rounds: int
 
 
-SIZES = {"quick": Sizes(images_per_site=160, epochs=1, repeats=5, load_repeats=2, deploy_rounds=2,
+SIZES = {"quick": Sizes(images_per_site=160, epochs=1, repeats=5, load_repeats=2, deploy_rounds=5, deploy_repeats=2,
                         accuracy_rounds=8, tiny_images=24, many_sites=20, many_rounds=2),
-         "full": Sizes(images_per_site=480, epochs=2, repeats=7, load_repeats=3, deploy_rounds=3,
+         "full": Sizes(images_per_site=480, epochs=2, repeats=7, load_repeats=3, deploy_rounds=10, deploy_repeats=2,
                        accuracy_rounds=12, tiny_images=48, many_sites=20, many_rounds=3)}
 TINY_SETTINGS = {"classes": ",".join(SYNTH_CLASSES), "image-size": TINY_SIZE_PX, "local-epochs": 1, "min-count": 2}
+FLOWER_REPLY_POLL_S = 3.0  # flwr.superlink.grid.http_grid.HttpGrid.send_and_receive: time.sleep(3) between pulls
+FLOWER_SUPEREXEC_POLL_S = 1.0  # flwr.supercore.superexec.run_superexec: _DEFAULT_TASK_POLL_INTERVAL_SECONDS
+# Step 4's deployments: (config overrides, environment) of today's rounds and of this checkout's defaults.
+DEPLOY_VARIANTS = {
+    "before": ({"round-style": "two-messages", "reply-poll-s": FLOWER_REPLY_POLL_S},
+               {SUPEREXEC_POLL_ENV: str(FLOWER_SUPEREXEC_POLL_S)}),
+    "after": ({}, {}),
+}
+ROUND_PHASES = ("message delivery wait", "ClientApp start (Python, flwr, message + FAB pull)",
+                "imports of client.app (torch, crosssim)", "ClientApp load → handler (Flower)", "data load (cache)",
+                "model build", "compute", "reply transport", "server: aggregation + checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -117,6 +134,12 @@ class Report:
     def row(self, step: str, a_name: str, a: float, b_name: str, b: float, unit: str, note: str = "") -> None:
         self.rows.append({"step": step, "a": a_name, "a_value": a, "b": b_name, "b_value": b, "unit": unit,
                           "ratio": a / b if b else float("nan"), "note": note})
+
+    def merge(self, earlier: dict[str, Any], steps: set[int]) -> None:
+        """Keep ``earlier``'s rows and details of the steps not run now (``--steps``), in step order."""
+        kept = [r for r in earlier.get("rows", []) if int(r["step"].split()[0]) not in steps]
+        self.rows = sorted(kept + self.rows, key=lambda r: int(r["step"].split()[0]))
+        self.details = {**earlier.get("details", {}), **self.details}
 
     def table(self) -> str:
         lines = ["| step | A | B | unit | A | B | A/B | note |", "|---|---|---|---|---|---|---|---|"]
@@ -320,18 +343,18 @@ def cold_import_seconds() -> float:
     return time.perf_counter() - started
 
 
-def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> None:
+def deploy(sites: list[Path], work: Path, name: str, rounds: int, overrides: dict[str, Any],
+           env_extra: dict[str, str]) -> tuple[list[dict[str, Any]], float]:
+    """One loopback deployment with ``overrides`` (and ``env_extra`` for every process); (its records, whole s)."""
     link_port, *node_ports, http_port, control_port = free_ports(5)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
-    run = work / "deploy-run"
-    settings = _set_flags(TINY_SETTINGS)
+    env = {**flower_ports_env([http_port, control_port]), "PYTHONPATH": str(ROOT), **env_extra}
+    run = work / f"deploy-{name}"
     started = time.perf_counter()
-    server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", sizes.deploy_rounds,
-                     *settings], env, work / "deploy-server.log")
+    server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", rounds,
+                     "--app", ROOT, *_set_flags({**TINY_SETTINGS, **overrides})], env, work / f"deploy-{name}.log")
     clients = [launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
-                       "--cache", work / f"deploy-cache-{i}"], {**env, "FLWR_HOME": str(work / f"flwr-{i}")},
-                      work / f"deploy-client-{i}.log") for i, (site, port) in enumerate(zip(sites, node_ports))]
+                       "--cache", work / f"deploy-cache-{i}"], {**env, "FLWR_HOME": str(work / f"flwr-{name}-{i}")},
+                      work / f"deploy-{name}-client-{i}.log") for i, (site, port) in enumerate(zip(sites, node_ports))]
     try:
         server.wait(timeout=DEPLOY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -341,34 +364,77 @@ def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> N
             stop(process)
     total = time.perf_counter() - started
     if server.returncode != 0 or not (run / ROUNDS_LOG_NAME).is_file():
-        raise RuntimeError(f"deployment failed (exit {server.returncode}); see {work}/deploy-*.log\n"
-                           + (work / "deploy-server.log").read_text()[-2000:])
-    rounds = [json.loads(line) for line in (run / ROUNDS_LOG_NAME).read_text().splitlines()]
+        raise RuntimeError(f"deployment {name} failed (exit {server.returncode}); see {work}/deploy-{name}*.log\n"
+                           + (work / f"deploy-{name}.log").read_text()[-2000:])
+    return [json.loads(line) for line in (run / ROUNDS_LOG_NAME).read_text().splitlines()], total
+
+
+def round_breakdown(record: dict[str, Any]) -> dict[str, float]:
+    """A round's wall time split along the path the server waited on: per message kind, the site whose reply was
+    packed last, from the server's and that site's wall-clock instants (one machine: one clock); the phases sum to
+    the round's wall time. ``site compute (slowest)`` is the largest compute over sites, summed over kinds."""
+    phases = dict.fromkeys(ROUND_PHASES, 0.0)
+    transit = slowest = 0.0
+    for kind in ("train", "evaluate"):
+        sent, received = record["timeline"].get(f"{kind}-sent"), record["timeline"].get(f"{kind}-received")
+        sites = [t for key, t in record["site_timings"].items() if key.startswith(f"{kind} ")]
+        if sent is None or received is None or not sites:
+            continue
+        last = max(sites, key=lambda t: t[REPLY_PACKED])
+        phases["message delivery wait"] += last[PROCESS_STARTED] - sent
+        phases["ClientApp start (Python, flwr, message + FAB pull)"] += last[IMPORTS_STARTED] - last[PROCESS_STARTED]
+        phases["imports of client.app (torch, crosssim)"] += last[IMPORTS_DONE] - last[IMPORTS_STARTED]
+        phases["ClientApp load → handler (Flower)"] += last[HANDLER_STARTED] - last[IMPORTS_DONE]
+        phases["data load (cache)"] += last[DATA_LOADED] - last[HANDLER_STARTED]
+        phases["model build"] += last[MODEL_BUILT] - last[DATA_LOADED]
+        phases["compute"] += last[COMPUTE_DONE] - last[MODEL_BUILT]
+        phases["reply transport"] += received - last[COMPUTE_DONE]
+        transit += received - sent
+        slowest += max(t[COMPUTE_DONE] - t[MODEL_BUILT] for t in sites)
+    phases["server: aggregation + checkpoint"] = record["wall_s"] - transit
+    phases["site compute (slowest)"] = slowest
+    phases["overhead (wall − slowest compute)"] = record["wall_s"] - slowest
+    phases["wall"] = record["wall_s"]
+    return phases
+
+
+def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> None:
+    """Today's rounds (two messages, Flower's 3 s reply poll and 1 s SuperExec poll) vs this checkout's defaults,
+    the same tiny federation, pairs interleaved; each round split into phases from timestamps. Of each variant
+    the least disturbed run (lowest mean round wall) is reported, every run is in the JSON."""
+    step = f"4 loopback deployment (2 SuperNodes, {sizes.deploy_rounds} rounds)"
+    cfg = _cfg(TINY_SETTINGS)
+    for i, site in enumerate(sites):  # every deployment finds the caches warm, as after a first round
+        load_site(site, cfg.data, labeled=True, classes=federated_classes(cfg), cache_dir=work / f"deploy-cache-{i}")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in DEPLOY_VARIANTS}
+    for repeat in range(sizes.deploy_repeats):
+        for name, (overrides, env_extra) in DEPLOY_VARIANTS.items():
+            rounds, total = deploy(sites, work, f"{name}-{repeat}", sizes.deploy_rounds, overrides, env_extra)
+            split = [round_breakdown(r) for r in rounds]
+            mean = {phase: statistics.mean(s[phase] for s in split) for phase in split[0]}
+            runs[name].append({"rounds": split, "mean": mean, "total_s": total, "load_average": os.getloadavg(),
+                               "messages_per_site": sum(len(r["site_timings"]) for r in rounds) / len(sites)})
+            walls = ", ".join(f"{s['wall']:.1f}" for s in split)
+            report.progress(f"deployment {name} {repeat + 1}/{sizes.deploy_repeats}: rounds {walls} s, overhead "
+                            f"{mean['overhead (wall − slowest compute)']:.1f} s a round, whole run {total:.1f} s")
+    outcome: dict[str, Any] = {name: {**min(results, key=lambda r: r["mean"]["wall"]), "repeats": results,
+                                      "overrides": DEPLOY_VARIANTS[name][0], "env": DEPLOY_VARIANTS[name][1]}
+                               for name, results in runs.items()}
+    after, before = outcome["after"]["mean"], outcome["before"]["mean"]
+    for phase in after:
+        goal = "; goal ≤ 0.5" if phase.startswith("overhead") else ""
+        report.row(step, f"after: {phase}, mean a round", after[phase], "before", before[phase], "s",
+                   f"rounds {', '.join(f'{s[phase]:.2f}' for s in outcome['after']['rounds'])} vs "
+                   f"{', '.join(f'{s[phase]:.2f}' for s in outcome['before']['rounds'])}{goal}")
+    report.row(step, "after: messages per site", outcome["after"]["messages_per_site"], "before",
+               outcome["before"]["messages_per_site"], "messages", "whole run")
+    report.row(step, "after: whole `crosssim server` run", outcome["after"]["total_s"], "before",
+               outcome["before"]["total_s"], "s", "incl. SuperLink start, nodes joining, FAB, ServerApp start, stop")
     imports = statistics.median(cold_import_seconds() for _ in range(2))
-    step = "4 loopback deployment (2 SuperNodes)"
-    split = []
-    for r in rounds:
-        compute = max(r["train_compute_s"]) + max(r["evaluate_compute_s"])
-        load = max(r["load_s"]) + float(r.get("evaluate", {}).get("load-s", 0.0))
-        other = r["wall_s"] - compute - load
-        split.append({"round": r["round"], "wall_s": r["wall_s"], "compute_s": compute, "load_s": load,
-                      "other_s": other})
-        label = f"round {r['round']} wall"
-        report.row(step, f"round {r['round']}: site compute", compute, label, r["wall_s"], "s",
-                   "max over sites, train + evaluate")
-        report.row(step, f"round {r['round']}: data load (cache)", load, label, r["wall_s"], "s",
-                   "cold cache in round 1" if r["round"] == 1 else "")
-        report.row(step, f"round {r['round']}: the rest", other, label, r["wall_s"], "s",
-                   "process start, imports, transport")
-    mean_other = statistics.mean(s["other_s"] for s in split)
-    report.row(step, "2 × cold `import client.app` (train + evaluate process)", 2 * imports,
-               "mean 'the rest' per round", mean_other, "s", "share of the overhead that is Python start + imports")
-    round_sum = sum(r["wall_s"] for r in rounds)
-    report.row(step, "all rounds", round_sum, "whole `crosssim server` run", total, "s",
-               "the rest: SuperLink start, nodes joining, FAB, ServerApp start, stop")
-    report.details["deployment"] = {"rounds": split, "total_s": total, "cold_import_s": imports,
-                                    "images_per_site": sizes.tiny_images, "settings": TINY_SETTINGS}
-    report.progress(f"deployment: {len(rounds)} rounds in {total:.1f} s (rounds {round_sum:.1f} s)")
+    report.row(step, "cold `python -c 'import client.app'`", imports, "before: process start + imports a round",
+               sum(before[p] for p in ROUND_PHASES[1:4]), "s", "what a fresh process per message costs")
+    report.details["deployment"] = {**outcome, "cold_import_s": imports, "images_per_site": sizes.tiny_images,
+                                    "settings": TINY_SETTINGS, "phases": list(ROUND_PHASES)}
 
 
 # ------------------------------------------------------------------------------ 5. bytes and accuracy
@@ -587,12 +653,16 @@ def main() -> None:
     size.add_argument("--full", dest="size", action="store_const", const="full", help="larger sites, more repeats")
     parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"JSON results (default {RESULTS_PATH})")
     parser.add_argument("--work", type=Path, help="keep the sites, runs and logs here (default: a temporary folder)")
+    parser.add_argument("--steps", default=",".join(map(str, ALL_STEPS)), metavar="N,...",
+                        help="steps to run (default all); a subset replaces those steps' rows and details in --out "
+                             "and keeps the others")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the in-process timings (steps 1-2; default 1: steady on a shared "
                              "machine); child processes keep the product's setting")
     args = parser.parse_args()
     mode = args.size or "quick"
     sizes = SIZES[mode]
+    steps = {int(n) for n in args.steps.split(",")}
     report = Report()
     default_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -601,37 +671,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crosssim-perf-") as tmp:
         work = Path(args.work or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        hospitals = generate_hospitals(work / "sites", images_per_site=sizes.images_per_site)
         tiny = [site for i in range(-(-sizes.many_sites // 3))
                 for site in generate_hospitals(work / f"tiny-{i}", seed=i, images_per_site=sizes.tiny_images,
                                                image_size=TINY_SIZE_PX).source_sites][:sizes.many_sites]
-        report.progress(f"sites written: 3 sources + target of {sizes.images_per_site} images, "
-                        f"{len(tiny)} tiny sites of {sizes.tiny_images}")
         cache_dir = work / "cache"
-        cfg = _cfg()
-        folder = hospitals.source_sites[0]
-        site = LocalSite.from_site(load_site(folder, cfg.data, labeled=True, classes=federated_classes(cfg),
-                                             cache_dir=cache_dir), cfg)
-        for other in hospitals.source_sites[1:] + [hospitals.target_site]:  # warm the cache for step 5
-            load_site(other, cfg.data, labeled=False, cache_dir=cache_dir)
+        if steps & {1, 2, 3, 5}:
+            hospitals = generate_hospitals(work / "sites", images_per_site=sizes.images_per_site)
+            cfg = _cfg()
+            folder = hospitals.source_sites[0]
+            site = LocalSite.from_site(load_site(folder, cfg.data, labeled=True, classes=federated_classes(cfg),
+                                                 cache_dir=cache_dir), cfg)
+            for other in hospitals.source_sites[1:] + [hospitals.target_site]:  # warm the cache for step 5
+                load_site(other, cfg.data, labeled=False, cache_dir=cache_dir)
+        report.progress(f"sites written; {len(tiny)} tiny sites of {sizes.tiny_images}")
+        runs = {1: ("client training throughput", lambda: throughput(report, site, sizes, args.threads,
+                                                                     default_threads)),
+                2: ("an epoch through the hospital-side cache vs in memory",
+                    lambda: epoch_from_cache(report, folder, cache_dir, sizes)),
+                3: ("cold vs cached site load", lambda: site_load(report, folder, work / "load", sizes)),
+                4: ("loopback deployment (crosssim server + 2 × crosssim client), before vs after",
+                    lambda: deployment(report, tiny[:2], work, sizes)),
+                5: ("bytes on the wire and accuracy, float16 vs float32",
+                    lambda: wire_and_accuracy(report, hospitals, cache_dir, work, sizes)),
+                6: (f"{sizes.many_sites}-site vs 2-site simulation", lambda: many_sites(report, tiny, work, sizes))}
+        for number in sorted(steps):
+            title, run = runs[number]
+            report.progress(f"step {number}/{len(ALL_STEPS)}: {title}")
+            run()
 
-        report.progress("step 1/6: client training throughput")
-        throughput(report, site, sizes, args.threads, default_threads)
-        report.progress("step 2/6: an epoch through the hospital-side cache vs in memory")
-        epoch_from_cache(report, folder, cache_dir, sizes)
-        report.progress("step 3/6: cold vs cached site load")
-        site_load(report, folder, work / "load", sizes)
-        report.progress("step 4/6: loopback deployment (crosssim server + 2 × crosssim client)")
-        deployment(report, tiny[:2], work, sizes)
-        report.progress("step 5/6: bytes on the wire and accuracy, float16 vs float32")
-        wire_and_accuracy(report, hospitals, cache_dir, work, sizes)
-        report.progress(f"step 6/6: {sizes.many_sites}-site vs 2-site simulation")
-        many_sites(report, tiny, work, sizes)
-
+    now = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
+    step_runs = {str(n): now for n in sorted(steps)}
+    if steps != set(ALL_STEPS) and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        report.merge(earlier, steps)
+        old = {n: {"date": earlier.get("date"), "git_commit": earlier.get("git_commit")} for n in map(str, ALL_STEPS)}
+        step_runs = {**old, **earlier.get("step_runs", {}), **step_runs}
     table = report.table()
     print(table)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "machine": machine(default_threads), "mode": mode,
+    result = {**now, "step_runs": step_runs, "machine": machine(default_threads), "mode": mode,
               "torch_threads_in_process": args.threads, "sizes": asdict(sizes),
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "seconds": time.perf_counter() - report.started, "rows": report.rows, "details": report.details,

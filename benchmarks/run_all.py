@@ -169,6 +169,39 @@ def load_table(load: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _step_runs_line(perf: Mapping[str, Any]) -> list[str]:
+    """Which run measured which steps, when ``perf.py --steps`` replaced some of them."""
+    by_run: dict[tuple[str, str], list[str]] = {}
+    for step, run in perf.get("step_runs", {}).items():
+        by_run.setdefault((str(run.get("date")), str(run.get("git_commit"))[:12]), []).append(step)
+    if len(by_run) < 2:
+        return []
+    return [" Steps " + "; steps ".join(f"{', '.join(steps)} from the run of {date} at commit {commit}"
+                                        for (date, commit), steps in by_run.items()) + "."]
+
+
+def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
+    """perf.py step 4: a deployment round, phase by phase (mean over rounds, seconds), before and after."""
+    before, after = deployment["before"], deployment["after"]
+    rounds = len(after["rounds"])
+    lines = ["### A deployment round, phase by phase", "",
+             f"Loopback, 2 SuperNodes of {deployment.get('images_per_site', '?')} images, {rounds} rounds each; "
+             f"{len(after.get('repeats', [after]))} before/after pairs interleaved in the same run, the least "
+             "disturbed run of each (lowest mean round wall) shown; per round, along the site the server waited "
+             "for, from the "
+             "server's and the sites' wall-clock instants (`RUN/rounds.jsonl`: `timeline`, `site_timings`). "
+             "Before: two messages a round (train, then evaluate), Flower's 3 s reply poll, SuperExec's 1 s poll. "
+             "After: this commit's defaults (one message a round plus one final evaluate message, 0.25 s reply "
+             "poll, 0.1 s SuperExec poll, no pydicom import in the ClientApp). See docs/FLOWER-OVERHEAD.md.", "",
+             "| phase | before (s a round) | after (s a round) | after / before |", "|---|---|---|---|"]
+    for phase, value in after["mean"].items():
+        old = before["mean"][phase]
+        lines.append(f"| {phase} | {old:.2f} | {value:.2f} | {value / old if old else float('nan'):.2f} |")
+    lines.append(f"| messages per site, whole run | {before['messages_per_site']:g} | {after['messages_per_site']:g} "
+                 f"| {after['messages_per_site'] / before['messages_per_site']:.2f} |")
+    return lines + [""]
+
+
 def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, Any] | None = None,
                       perf: Mapping[str, Any] | None = None, loso_docs: Sequence[Mapping[str, Any]] = (),
                       few_shot_docs: Sequence[Mapping[str, Any]] = (),
@@ -224,7 +257,11 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
         out += ["## System performance, side by side (`benchmarks/perf.py`)", "",
                 f"Run {perf.get('date', '?')} at commit {str(perf.get('git_commit', '?'))[:12]}, mode "
                 f"{perf.get('mode', '?')}, {perf.get('torch_threads_in_process', '?')} torch thread(s) in process; "
-                "every ratio is A/B measured in the same run.", "", str(perf.get("table", "")).rstrip(), ""]
+                "every ratio is A/B measured in the same run.", *_step_runs_line(perf), "",
+                str(perf.get("table", "")).rstrip(), ""]
+        deployment = perf.get("details", {}).get("deployment")
+        if deployment and "before" in deployment:
+            out += deployment_table(deployment)
     if loso_docs:
         out += ["## Choosing defaults without target labels (`benchmarks/loso_sweep.py`, not part of `make bench`)",
                 "", "Each candidate trains CrossSim on two sources and is scored on the third (plain and with "

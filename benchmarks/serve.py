@@ -40,7 +40,8 @@ from benchmarks.accuracy import environment  # noqa: E402
 from crosssim.centralized import train_pooled  # noqa: E402
 from crosssim.checkpoint import load_checkpoint  # noqa: E402
 from crosssim.config import load_config  # noqa: E402
-from crosssim.data.dicom import iter_candidate_files, read_image  # noqa: E402
+from crosssim.data.dicom import read_image  # noqa: E402
+from crosssim.data.files import iter_candidate_files  # noqa: E402
 from crosssim.data.sites import load_labels_for, load_site  # noqa: E402
 from crosssim.data.synth import generate_hospitals  # noqa: E402
 from crosssim.export import export_model  # noqa: E402

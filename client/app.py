@@ -2,28 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
+IMPORTS_STARTED_AT = time.time()  # before the imports below, which a deployment pays again for every message
 
-from client import task
-from crosssim.config import ConfigError
-from crosssim.data.sites import SiteError
+import os  # noqa: E402 (the imports are timed)
+from collections.abc import Callable, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from client import task  # noqa: E402
+from crosssim.boundary import (HANDLER_STARTED, IMPORTS_DONE, IMPORTS_STARTED, PROCESS_STARTED,  # noqa: E402
+                               REPLY_PACKED, TIMINGS_RECORD)
+from crosssim.config import ConfigError  # noqa: E402
+from crosssim.data.sites import SiteError  # noqa: E402
 
 # Error code of a reply in which the site refuses the message itself (bad labels, bad config): one line, no traceback.
 SITE_REFUSED_CODE = 100
+PROC_STAT_START_FIELD = 19  # /proc/PID/stat field 22 (starttime, clock ticks after boot), counted after the ")"
 Handler = Callable[[RecordDict, Context, Mapping[str, Any]], RecordDict]
 
 
-def reply(msg: Message, context: Context, handler: Handler, run_settings: Mapping[str, Any]) -> Message:
-    """``handler``'s records as the reply; a data or config problem at this site becomes a one-line error reply."""
+def process_started_at() -> float:
+    """Wall-clock start of this process from /proc (Linux, 10 ms ticks); where unreadable, the import's start."""
     try:
-        return Message(content=handler(msg.content, context, run_settings), reply_to=msg)
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[PROC_STAT_START_FIELD])
+    except (OSError, IndexError, ValueError):
+        return IMPORTS_STARTED_AT
+    age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age_s
+
+
+PROCESS_STARTED_AT = process_started_at()
+IMPORTS_DONE_AT = time.time()
+
+
+def reply(msg: Message, context: Context, handler: Handler, run_settings: Mapping[str, Any]) -> Message:
+    """``handler``'s records as the reply; a data or config problem at this site becomes a one-line error reply.
+
+    The reply's timings record gets this process's instants (start, imports, handler call, reply packed).
+    """
+    handler_started = time.time()
+    try:
+        content = handler(msg.content, context, run_settings)
     except (SiteError, ConfigError) as exc:
         print(f"crosssim client: refused {msg.metadata.message_type} message: {exc}", flush=True)
         return Message(Error(code=SITE_REFUSED_CODE, reason=str(exc)), reply_to=msg)
+    content[TIMINGS_RECORD] = MetricRecord({
+        PROCESS_STARTED: PROCESS_STARTED_AT, IMPORTS_STARTED: IMPORTS_STARTED_AT, IMPORTS_DONE: IMPORTS_DONE_AT,
+        HANDLER_STARTED: handler_started, **content.get(TIMINGS_RECORD, {}), REPLY_PACKED: time.time()})
+    return Message(content=content, reply_to=msg)
 
 
 def build_client_app(settings: Mapping[str, Any] | None = None) -> ClientApp:

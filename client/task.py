@@ -10,10 +10,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
-from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS,
-                               METRICS_RECORD, NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY,
-                               PARTITION_ID_KEY, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SERVER_ROUND,
-                               SITE_DIRS_KEY, STYLE_BANK_RECORD, STYLE_RECORD, TARGET_DIR_KEY, TARGET_IMAGES)
+from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, COMPUTE_DONE, COMPUTE_SECONDS, CONFIG_RECORD,
+                               DATA_LOADED, EVALUATION_RECORD, LOAD_SECONDS, METRICS_RECORD, MODEL_BUILT,
+                               NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY, PARTITION_ID_KEY,
+                               PROTOTYPES_RECORD, ROUND_EVALUATE, ROUND_LAMBDA, ROUND_LR, SERVER_ROUND, SITE_DIRS_KEY,
+                               STYLE_BANK_RECORD, STYLE_RECORD, TARGET_DIR_KEY, TARGET_IMAGES, TIMINGS_RECORD)
 from crosssim.config import CrossSimConfig
 from crosssim.data.sites import SiteError, load_site
 from crosssim.federated import (LocalSite, config_from_wire, evaluate_round, federated_classes, from_wire,
@@ -82,17 +83,19 @@ def _global_model(content: RecordDict, context: Context, cfg: CrossSimConfig) ->
     return model, local_keys
 
 
-def _setup(content: RecordDict, context: Context,
-           location: SiteLocation) -> tuple[CrossSimConfig, LocalSite, CrossSimNet, set[str]]:
-    """Config from the server, this site's labeled data, and the global model."""
+def _setup(content: RecordDict, context: Context, location: SiteLocation,
+           timings: dict[str, float]) -> tuple[CrossSimConfig, LocalSite, CrossSimNet, set[str]]:
+    """Config from the server, this site's labeled data, and the global model; their instants into ``timings``."""
     if location.unlabeled:
         raise SiteError(f"{location.folder}: an unlabeled target in the loop only sends its style; it never "
                         "trains or evaluates")
     cfg = _config(content, location)
-    site = load_site(location.folder, cfg.data, labeled=True, classes=federated_classes(cfg), name=location.name,
-                     cache_dir=cfg.data.cache_dir or None)
+    site = LocalSite.from_site(load_site(location.folder, cfg.data, labeled=True, classes=federated_classes(cfg),
+                                         name=location.name, cache_dir=cfg.data.cache_dir or None), cfg)
+    timings[DATA_LOADED] = time.time()
     model, local_keys = _global_model(content, context, cfg)
-    return cfg, LocalSite.from_site(site, cfg), model, local_keys
+    timings[MODEL_BUILT] = time.time()
+    return cfg, site, model, local_keys
 
 
 def _global_prototypes(content: RecordDict, model: CrossSimNet) -> Prototypes | None:
@@ -113,47 +116,65 @@ def _other_styles(content: RecordDict, context: Context, model: CrossSimNet, cfg
 
 def train(content: RecordDict, context: Context, run_settings: Mapping[str, Any]) -> RecordDict:
     """Local training on the global model; reply weights (no FedBN layers; floats in update-dtype), prototypes,
-    the style entry (style bank on) and scalar metrics. An unlabeled target in the loop sends its style only."""
+    the style entry (style bank on) and scalar metrics. An unlabeled target in the loop sends its style only.
+
+    With ``round-evaluate`` set (round-style one-message) the global model received is first evaluated as
+    ``evaluate`` would, and those metrics travel in the evaluation record of the same reply.
+    """
     location = locate_site(context, run_settings)
+    timings: dict[str, float] = {}
     if location.unlabeled:
-        return target_style(content, context, location)
-    cfg, site, model, local_keys = _setup(content, context, location)
+        return target_style(content, context, location, timings)
+    cfg, site, model, local_keys = _setup(content, context, location, timings)
     device = resolve_device(cfg.train.device)
     config = content[CONFIG_RECORD]
+    prototypes = _global_prototypes(content, model)
+    records: dict[str, ArrayRecord | MetricRecord] = {}
+    if bool(config.get(ROUND_EVALUATE, False)):
+        records[EVALUATION_RECORD] = MetricRecord(evaluate_round(model, site, cfg, prototypes, device))
     style = style_of(model, site.train_x, cfg, device) if uses_style_bank(cfg) else None
     result, protos, compute_seconds = train_round(
         model, site, cfg, server_round=int(config[SERVER_ROUND]), lr=float(config[ROUND_LR]),
-        lambda_sim=float(config[ROUND_LAMBDA]), prototypes=_global_prototypes(content, model),
+        lambda_sim=float(config[ROUND_LAMBDA]), prototypes=prototypes,
         device=device, styles=_other_styles(content, context, model, cfg))
+    timings[COMPUTE_DONE] = time.time()
     model.cpu()
     if local_keys:
         _, local = split_state(model.state_dict(), local_keys)
         context.state[BATCHNORM_STATE_RECORD] = ArrayRecord({k: v.detach().clone() for k, v in local.items()})
-    records = {
+    records.update({
         ARRAYS_RECORD: ArrayRecord(to_wire(sendable_state(model, local_keys), cfg.federation.update_dtype)),
         PROTOTYPES_RECORD: ArrayRecord(prototypes_to_arrays(protos)),
         METRICS_RECORD: MetricRecord(train_metrics(result, site, cfg, compute_seconds)),
-    }
+        TIMINGS_RECORD: MetricRecord(timings),
+    })
     if style is not None:
         records[STYLE_RECORD] = ArrayRecord(style.to_arrays())
     return RecordDict(records)
 
 
-def target_style(content: RecordDict, context: Context, location: SiteLocation) -> RecordDict:
+def target_style(content: RecordDict, context: Context, location: SiteLocation,
+                 timings: dict[str, float]) -> RecordDict:
     """An unlabeled target in the loop: its style entry under the global model and its image count, nothing else."""
     started = time.perf_counter()
     cfg = _config(content, location)
     site = load_site(location.folder, cfg.data, labeled=False, classes=federated_classes(cfg), name=location.name,
                      cache_dir=cfg.data.cache_dir or None)
+    timings[DATA_LOADED] = time.time()
     model, _ = _global_model(content, context, cfg)
+    timings[MODEL_BUILT] = time.time()
     style = style_of(model, site.images, cfg, resolve_device(cfg.train.device))
+    timings[COMPUTE_DONE] = time.time()
     metrics = {TARGET_IMAGES: style.count, COMPUTE_SECONDS: time.perf_counter() - started,
                LOAD_SECONDS: site.report.load_seconds}
-    return RecordDict({STYLE_RECORD: ArrayRecord(style.to_arrays()), METRICS_RECORD: MetricRecord(metrics)})
+    return RecordDict({STYLE_RECORD: ArrayRecord(style.to_arrays()), METRICS_RECORD: MetricRecord(metrics),
+                       TIMINGS_RECORD: MetricRecord(timings)})
 
 
 def evaluate(content: RecordDict, context: Context, run_settings: Mapping[str, Any]) -> RecordDict:
     """Validation summaries of the global model (with this site's BN under FedBN); never per-image data."""
-    cfg, site, model, _ = _setup(content, context, locate_site(context, run_settings))
+    timings: dict[str, float] = {}
+    cfg, site, model, _ = _setup(content, context, locate_site(context, run_settings), timings)
     metrics = evaluate_round(model, site, cfg, _global_prototypes(content, model), resolve_device(cfg.train.device))
-    return RecordDict({METRICS_RECORD: MetricRecord(metrics)})
+    timings[COMPUTE_DONE] = time.time()
+    return RecordDict({METRICS_RECORD: MetricRecord(metrics), TIMINGS_RECORD: MetricRecord(timings)})

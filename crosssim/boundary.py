@@ -19,6 +19,8 @@ PROTOTYPE_VECTORS = "vectors"  # inside PROTOTYPES_RECORD: (C, d) float32
 PROTOTYPE_COUNTS = "counts"  # inside PROTOTYPES_RECORD: (C,) int64, 0 = class not sent
 STYLE_RECORD = "style"  # a site's style entry (crosssim.style.StyleEntry.to_arrays), site → server
 STYLE_BANK_RECORD = "style-bank"  # every site's entry, keyed "<node id>/<layer>/<stat>", server → sites
+EVALUATION_RECORD = "evaluation"  # round-style one-message: a train reply's evaluate metrics of the incoming model
+TIMINGS_RECORD = "timings"  # wall-clock instants (s since the epoch) of a site's message, the TIMING_EVENTS below
 
 # ---------------------------------------------------------------- per-node state (Context.state keys)
 BATCHNORM_STATE_RECORD = "batchnorm"  # a site's own BatchNorm layers under FedBN; never sent
@@ -27,6 +29,7 @@ BATCHNORM_STATE_RECORD = "batchnorm"  # a site's own BatchNorm layers under FedB
 SERVER_ROUND = "server-round"
 ROUND_LR = "round-lr"
 ROUND_LAMBDA = "round-lambda"
+ROUND_EVALUATE = "round-evaluate"  # train message, round-style one-message: evaluate the incoming model first
 
 # ---------------------------------------------------------------- metric names in METRICS_RECORD
 NUM_EXAMPLES = "num-examples"  # weighs Flower's averaging
@@ -37,6 +40,18 @@ TRAIN_CLASS_COUNTS = "train-class-counts"  # training split per class, cells und
 SITE_CLASS_COUNTS = "site-class-counts"  # whole labeled site per class, cells under min-count sent as 0 (train)
 TARGET_IMAGES = "target-images"  # an unlabeled node in the loop: how many images its style entry covers (train)
 SHIFT_PREFIX = "shift/"  # + a crosssim.shift figure name: that figure on the site's validation split (evaluate)
+
+# ---------------------------------------------------------------- instants in TIMINGS_RECORD, in the order they happen
+PROCESS_STARTED = "process-started"  # the ClientApp process (Flower starts one per message)
+IMPORTS_STARTED = "imports-started"  # client/app.py begins importing (Flower's own imports are done)
+IMPORTS_DONE = "imports-done"  # client/app.py and everything it imports are loaded
+HANDLER_STARTED = "handler-started"  # Flower called the train/evaluate handler with the message
+DATA_LOADED = "data-loaded"  # the site read through the hospital-side cache
+MODEL_BUILT = "model-built"  # the global model built and loaded
+COMPUTE_DONE = "compute-done"  # evaluation and/or training finished
+REPLY_PACKED = "reply-packed"  # the reply's records built, handed back to Flower
+TIMING_EVENTS = (PROCESS_STARTED, IMPORTS_STARTED, IMPORTS_DONE, HANDLER_STARTED, DATA_LOADED, MODEL_BUILT,
+                 COMPUTE_DONE, REPLY_PACKED)
 
 # ---------------------------------------------------------------- run-config keys beyond the config schema's own
 CONFIG_FILE_KEY = "config-file"  # TOML layered over configs/default.toml before the run config's own keys

@@ -35,6 +35,9 @@ class DataConfig:
 
 
 AUGMENT_MODES = ("none", "basic", "scanner")
+# one-message: each round's train message also carries the evaluation of the incoming global model (the previous
+# round's aggregate) and one evaluate message follows the last round; two-messages: train, then evaluate, each round.
+ROUND_STYLES = ("one-message", "two-messages")
 # Values of keys whose type changed, as old configs and checkpoints (``to_flat``) still hold them.
 LEGACY_VALUES = {"augment": {"true": "basic", "false": "none"}}
 
@@ -113,6 +116,8 @@ class FederationConfig:
     max_update_norm_ratio: float = 10.0  # reject an update whose norm exceeds this × the round's median; 0: off
     aggregation: str = "mean"  # mean (FedAvg) | median (FedMedian) | trimmed-mean (FedTrimmedAvg)
     trimmed_mean_beta: float = 0.2  # trimmed-mean: fraction cut from each end per value, in [0, 0.5)
+    round_style: str = "one-message"  # one-message | two-messages per site and round (server/strategy.py)
+    reply_poll_s: float = 0.25  # the ServerApp's wait between pulls for replies (server/grid.py); Flower's is 3 s
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,7 @@ def validate(cfg: CrossSimConfig) -> None:
         "similarity": (cfg.method.similarity, ("infonce", "contrastive")),
         "update-dtype": (cfg.federation.update_dtype, ("float32", "float16")),
         "aggregation": (cfg.federation.aggregation, ("mean", "median", "trimmed-mean")),
+        "round-style": (cfg.federation.round_style, ROUND_STYLES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -279,6 +285,8 @@ def validate(cfg: CrossSimConfig) -> None:
         raise ConfigError("config keys 'round-retries' (≥ 0) and 'min-sites' (≥ 1): out of range")
     if cfg.method.min_count < 1:
         raise ConfigError("config key 'min-count': must be at least 1")
+    if cfg.federation.reply_poll_s <= 0:
+        raise ConfigError("config key 'reply-poll-s': must be more than 0 seconds")
     _validate_augment(cfg.augment)
 
 

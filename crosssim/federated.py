@@ -3,7 +3,7 @@
 ``client/`` and ``server/`` wrap these functions in Flower records; nothing here imports flwr. What a
 site sends is exactly: model tensors (minus BatchNorm layers under FedBN), per-class prototypes with
 counts, and scalar metrics (plus, on evaluation, a fixed-length confidence histogram and class counts with
-small cells suppressed).
+small cells suppressed; with round-style one-message that evaluation travels in the train reply).
 """
 
 from __future__ import annotations

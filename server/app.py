@@ -16,6 +16,7 @@ from crosssim.federated import federated_classes, site_dirs, wire_config
 from crosssim.model import build_model
 from crosssim.style import bank_from_arrays, layer_channels
 from crosssim.train import seed_everything
+from server.grid import PollingGrid
 from server.store import RunStore
 from server.strategy import RoundAborted, build_strategy
 
@@ -87,7 +88,8 @@ def build_server_app(settings: Mapping[str, Any] | None = None, progress: Progre
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, server_settings({**context.run_config, **(settings or {})}), progress)
+        run = server_settings({**context.run_config, **(settings or {})})
+        run_federation(PollingGrid(grid, run.cfg.federation.reply_poll_s), run, progress)
 
     return app
 

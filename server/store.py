@@ -37,6 +37,9 @@ class RoundRecord:
     evaluate_compute_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     checkpoint: str = ""
+    timeline: dict[str, float] = field(default_factory=dict)  # server instants (s since the epoch): "train-sent" …
+    site_timings: dict[str, dict[str, float]] = field(default_factory=dict)  # "train node N" → crosssim.boundary's
+    # TIMING_EVENTS at that site; with one-message a round's train messages also evaluated the previous round's model
 
     def to_json(self) -> str:
         doc: dict[str, Any] = dataclasses.asdict(self)

@@ -5,6 +5,13 @@ Per round, in Flower's order: ``configure_train`` (round LR and λ, global proto
 ``configure_evaluate`` → ``aggregate_evaluate`` (pooled validation summaries = the ATC reference) →
 ``finish_round`` (passed as ``evaluate_fn``: checkpoint, RoundRecord line, progress line).
 
+``round-style = one-message`` (the default) sends each site one message a round: round k's train message asks
+the site to evaluate the model it brings (round k-1's aggregate) before training, so round k-1's evaluate part,
+ATC reference and checkpoint are completed when round k's train replies arrive; only after the last round does
+an evaluate message go out. The records and checkpoints are those of ``two-messages`` (tests/test_round_style.py);
+``latest.pt`` trails the running round by one. With ``fraction-train`` < 1 not every site trains each round, so
+rounds stay two messages.
+
 Every baseline is this one class: ``strategy`` is a config value the sites read (FedProx's ``proximal-mu``
 travels in the config like every other key; FedBN's local layers are ``crosssim.federated.local_state_keys``).
 
@@ -14,6 +21,7 @@ averages them, and the global state and checkpoints stay float32.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -25,9 +33,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, LOAD_SECONDS, METRICS_RECORD,
-                               NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SITE_CLASS_COUNTS,
-                               STYLE_BANK_EXTRA, STYLE_BANK_RECORD, STYLE_RECORD, TARGET_IMAGES)
+from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, EVALUATION_RECORD, LOAD_SECONDS,
+                               METRICS_RECORD, NUM_EXAMPLES, PROTOTYPES_RECORD, ROUND_EVALUATE, ROUND_LAMBDA, ROUND_LR,
+                               SITE_CLASS_COUNTS, STYLE_BANK_EXTRA, STYLE_BANK_RECORD, STYLE_RECORD, TARGET_IMAGES,
+                               TIMINGS_RECORD)
 from crosssim.checkpoint import Checkpoint, SourceStats
 from crosssim.config import CrossSimConfig
 from crosssim.federated import (from_wire, local_state_keys, merge_state, prototypes_from_arrays,
@@ -126,6 +135,8 @@ class CrossSimStrategy(FedAvg):
         self.last_checkpoint: Checkpoint | None = None
         self.record: RoundRecord | None = None
         self._started = 0.0
+        self.one_message = cfg.federation.round_style == "one-message" and cfg.federation.fraction_train >= 1.0
+        self.pending: tuple[RoundRecord, Checkpoint] | None = None  # one-message: the round awaiting its evaluation
 
     def global_round(self, server_round: int) -> int:
         """Flower counts the rounds of this process from 1; a resumed run continues the run's count."""
@@ -166,10 +177,12 @@ class CrossSimStrategy(FedAvg):
         """Flower's sampling and records, plus this round's LR and λ and the global prototypes."""
         record = self.round_record(server_round)
         config[ROUND_LR], config[ROUND_LAMBDA] = record.lr, record.lambda_sim
+        config[ROUND_EVALUATE] = self.pending is not None
         self.train_call = (arrays, config, grid)
         messages = self._with_summaries(super().configure_train(record.round, self._to_wire(arrays), config, grid),
                                         style_bank=uses_style_bank(self.cfg))
         self.train_sent = messages
+        record.timeline["train-sent"] = time.time()
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -177,7 +190,8 @@ class CrossSimStrategy(FedAvg):
         """Prototypes count-weighted and removed from each reply, then Flower's mean, median or trimmed mean of the
         weights (float32); a round with fewer than min-sites usable replies is sent again (``round-retries``)."""
         record = self.round_record(server_round)
-        ok, errors = _split_replies(replies, self.train_sent, self.cfg.federation.round_timeout_s)
+        ok, errors = _split_replies(self._take_reports("train", record, replies), self.train_sent,
+                                    self.cfg.federation.round_timeout_s)
         for line in errors:
             self.progress(f"round {record.round}: {line}")
         record.failures += errors
@@ -271,32 +285,77 @@ class CrossSimStrategy(FedAvg):
         msg.content[ARRAYS_RECORD] = ArrayRecord(state)
         return msg, protos, style
 
+    def evaluates_now(self, server_round: int) -> bool:
+        """Whether this round sends evaluate messages: always with two-messages, after the last one with one-message."""
+        return not self.one_message or self.global_round(server_round) == self.cfg.federation.rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Flower's evaluate messages with the global prototypes, to every labeled site (never a target)."""
+        if not self.evaluates_now(server_round):
+            return []  # the next round's train message evaluates this round's model
         messages = super().configure_evaluate(self.global_round(server_round), self._to_wire(arrays), config, grid)
         skipped = self.target_nodes | self.failed_nodes
         messages = self._with_summaries([m for m in messages if m.metadata.dst_node_id not in skipped],
                                         style_bank=False)
         self.evaluate_sent = messages
+        self.round_record(server_round).timeline["evaluate-sent"] = time.time()
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Scalar averages for the log; pooled histogram, accuracy and prevalence become the ATC reference."""
+        if not self.evaluates_now(server_round):
+            return None
         record = self.round_record(server_round)
-        ok, errors = _split_replies(replies, self.evaluate_sent, self.cfg.federation.round_timeout_s)
+        ok, errors = _split_replies(self._take_reports("evaluate", record, replies), self.evaluate_sent,
+                                    self.cfg.federation.round_timeout_s)
+        return self._evaluated(record, [msg.content[METRICS_RECORD] for msg in ok], errors)
+
+    def _evaluated(self, record: RoundRecord, site_metrics: list[MetricRecord],
+                   errors: list[str]) -> MetricRecord | None:
+        """``record``'s evaluate part from the sites' evaluate metrics; pooled, they become the ATC reference."""
         for line in errors:
             self.progress(f"round {record.round} (evaluate): {line}")
-        site_metrics = [msg.content[METRICS_RECORD] for msg in ok]
-        if ok:
+        if site_metrics:
             self.source = source_stats(site_metrics)
-        metrics = super().aggregate_evaluate(server_round, ok)
+        metrics = self.evaluate_metrics_aggr_fn([RecordDict({METRICS_RECORD: m}) for m in site_metrics],
+                                                self.weighted_by_key) if site_metrics else None
         record.evaluate, record.evaluate_failures = dict(metrics or {}), errors
         record.evaluate_compute_s = [float(m[COMPUTE_SECONDS]) for m in site_metrics]
         return metrics
 
+    def _take_reports(self, kind: str, record: RoundRecord, replies: Iterable[Message]) -> list[Message]:
+        """``replies`` with each one's timings moved into ``record``; with one-message, the evaluations that train
+        replies bring complete the previous round (its evaluate part, ATC reference, checkpoint and log line), from
+        the nodes two-messages would have asked: not targets, nor those whose train reply failed in that round."""
+        record.timeline[f"{kind}-received"] = time.time()
+        replies = list(replies)
+        evaluations: dict[int, MetricRecord] = {}
+        for msg in replies:
+            if msg.has_error():
+                continue
+            if TIMINGS_RECORD in msg.content:
+                timings = msg.content.pop(TIMINGS_RECORD)
+                record.site_timings[f"{kind} node {msg.metadata.src_node_id}"] = {k: float(v) for k, v in
+                                                                                    timings.items()}
+            if EVALUATION_RECORD in msg.content:
+                evaluations[msg.metadata.src_node_id] = msg.content.pop(EVALUATION_RECORD)
+        if kind == "train" and self.pending is not None:
+            previous, ckpt = self.pending
+            self.pending = None
+            asked = [m for m in self.train_sent if m.metadata.dst_node_id not in self.failed_nodes | self.target_nodes]
+            nodes = {m.metadata.dst_node_id for m in asked}
+            ids = {m.metadata.message_id for m in asked if m.metadata.message_id}  # set once Flower sent them
+            answers = [msg for msg in replies if msg.metadata.src_node_id in nodes
+                       or msg.metadata.reply_to_message_id in ids]
+            _, errors = _split_replies(answers, asked, self.cfg.federation.round_timeout_s)
+            self._evaluated(previous, [m for node, m in evaluations.items() if node in nodes], errors)
+            self._save(previous, dataclasses.replace(ckpt, source=self.source))
+        return replies
+
     def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn`` (after each round's evaluation): checkpoint, round log, progress line."""
+        """Flower's ``evaluate_fn`` (after each round's evaluation): checkpoint, round log, progress line; with
+        one-message, before the last round, the checkpoint waits for the next round's evaluations."""
         if server_round == 0:
             return None  # Flower also calls it before round 1: nothing new to save
         record = self.round_record(server_round)
@@ -307,13 +366,21 @@ class CrossSimStrategy(FedAvg):
                           extra={"strategy": self.cfg.method.strategy, "sites": record.sites,
                                  "class_counts": dict(zip(self.classes, class_totals)),
                                  STYLE_BANK_EXTRA: bank_to_arrays(self.style_bank)})
+        if not self.evaluates_now(server_round):
+            record.wall_s = time.perf_counter() - self._started
+            self.pending = (record, ckpt)
+            return None
+        self._save(record, ckpt)
+        return None
+
+    def _save(self, record: RoundRecord, ckpt: Checkpoint) -> None:
+        """Round log line, checkpoint and progress line of a finished round (wall time to now unless already set)."""
         record.checkpoint = self.store.round_path(record.round).name
-        record.wall_s = time.perf_counter() - self._started
+        record.wall_s = record.wall_s or time.perf_counter() - self._started
         self.store.log_round(record)  # before the checkpoint: a crash between them repeats the round on --resume
         self.store.save_round(ckpt)
         self.last_checkpoint = ckpt
         self.progress(_progress_line(record, self.cfg.federation.rounds))
-        return None
 
 
 def _progress_line(record: RoundRecord, total_rounds: int) -> str:

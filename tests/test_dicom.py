@@ -29,11 +29,11 @@ from crosssim.data.dicom import (
     REFUSED,
     SkippedFile,
     describe,
-    iter_candidate_files,
     preprocess,
     read_dataset,
     read_image,
 )
+from crosssim.data.files import iter_candidate_files
 from crosssim.data.transforms import LoadDicomImage
 
 RNG = np.random.default_rng(0)

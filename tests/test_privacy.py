@@ -9,9 +9,13 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, M
 from client.app import app as client_app
 from crosssim.boundary import (
     BATCHNORM_STATE_RECORD,
+    COMPUTE_SECONDS,
     CONFIDENCE_HISTOGRAM,
+    EVALUATION_RECORD,
+    LOAD_SECONDS,
     PROTOTYPE_COUNTS,
     PROTOTYPE_VECTORS,
+    ROUND_EVALUATE,
     ROUND_LAMBDA,
     ROUND_LR,
     SERVER_ROUND,
@@ -19,6 +23,8 @@ from crosssim.boundary import (
     STYLE_BANK_RECORD,
     STYLE_RECORD,
     TARGET_IMAGES,
+    TIMING_EVENTS,
+    TIMINGS_RECORD,
     TRAIN_CLASS_COUNTS,
 )
 from crosssim.config import load_config
@@ -52,10 +58,13 @@ def _message(content: RecordDict, message_type: str) -> Message:
 
 
 def _send(site_dir, tmp_path, strategy: str, message_type: str, prototypes: Prototypes | None = None,
-          context: Context | None = None, unlabeled: bool = False, style_bank: dict | None = None):
+          context: Context | None = None, unlabeled: bool = False, style_bank: dict | None = None,
+          evaluate: bool = False):
     cfg = load_config(None, {"style-mix-probability": STYLE_MIX, **TINY, "strategy": strategy})
+    torch.manual_seed(0)  # the same global model in every call
     model = build_model(cfg.model, len(cfg.data.classes))
-    config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 2, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.5})
+    config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 2, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.5,
+                           ROUND_EVALUATE: evaluate})
     records = {"arrays": ArrayRecord(model.state_dict()), "config": config}
     if prototypes is not None:
         records["prototypes"] = ArrayRecord(prototypes_to_arrays(prototypes))
@@ -65,7 +74,17 @@ def _send(site_dir, tmp_path, strategy: str, message_type: str, prototypes: Prot
     context = context or Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config=node_config)
     reply = client_app(_message(RecordDict(records), message_type), context)
     assert not reply.has_error()
+    assert_only_ordered_instants(reply.content.pop(TIMINGS_RECORD))
     return cfg, model, reply.content, context
+
+
+def assert_only_ordered_instants(timings) -> None:
+    """A timings record: the declared wall-clock instants of this message at the site, nothing else, in order."""
+    names = [name for name in TIMING_EVENTS if name in timings]
+    assert set(timings) == set(names) and len(names) == len(TIMING_EVENTS)
+    instants = [timings[name] for name in names]
+    assert all(isinstance(t, float) for t in instants) and instants == sorted(instants)
+    assert abs(instants[-1] - time.time()) < 60
 
 
 def _train_split(site_dir, cfg, tmp_path) -> LocalSite:
@@ -115,6 +134,21 @@ def test_class_under_min_count_sends_zero_vector_and_count(site_dir, tmp_path):
     assert torch.equal(protos[PROTOTYPE_COUNTS][small], torch.zeros(int(small.sum()), dtype=torch.int64))
     assert torch.count_nonzero(protos[PROTOTYPE_VECTORS][small]) == 0
     assert torch.equal(protos[PROTOTYPE_COUNTS][~small], train_counts[~small])
+
+
+@pytest.mark.parametrize("strategy", ["crosssim", "fedbn"])
+def test_a_one_message_train_reply_evaluates_the_model_it_received_as_an_evaluate_message_does(site_dir, tmp_path,
+                                                                                            strategy):
+    global_protos = Prototypes(torch.nn.functional.normalize(torch.randn(4, 128), dim=1), torch.tensor([5, 5, 5, 0]))
+    _, _, trained, context = _send(site_dir, tmp_path, strategy, MessageType.TRAIN, global_protos)  # FedBN: local BN
+    _, _, evaluated, _ = _send(site_dir, tmp_path, strategy, MessageType.EVALUATE, global_protos, context)
+    _, _, content, _ = _send(site_dir, tmp_path, strategy, MessageType.TRAIN, global_protos, context, evaluate=True)
+    assert EVALUATION_RECORD not in trained and set(evaluated.keys()) == {"metrics"}
+    assert set(content.keys()) - {STYLE_RECORD} == {"arrays", "prototypes", "metrics", EVALUATION_RECORD}
+    timing = {COMPUTE_SECONDS, LOAD_SECONDS}
+    in_train, alone = dict(content[EVALUATION_RECORD]), dict(evaluated["metrics"])
+    assert {k: v for k, v in in_train.items() if k not in timing} == {k: v for k, v in alone.items() if k not in timing}
+    assert set(in_train) == set(alone) and len(in_train[CONFIDENCE_HISTOGRAM]) == CONFIDENCE_BINS
 
 
 def test_evaluate_reply_holds_scalars_and_fixed_length_summaries(site_dir, tmp_path):

@@ -21,7 +21,7 @@ from crosssim.adapt import adapt_copy
 from crosssim.certs import write_certificates
 from crosssim.checkpoint import load_checkpoint
 from crosssim.cli import main as crosssim_main
-from crosssim.data.dicom import iter_candidate_files
+from crosssim.data.files import iter_candidate_files
 from crosssim.data.sites import load_site
 from crosssim.evaluate import evaluate_site
 from crosssim.export import MANIFEST_FILENAME, export_model, sha256_of

@@ -28,11 +28,11 @@ from crosssim.data.dicom import (
     REFUSED,
     SkippedFile,
     describe,
-    iter_candidate_files,
     preprocess,
     read_dataset,
     skip_on_error,
 )
+from crosssim.data.files import iter_candidate_files
 from crosssim.data.sites import LABELS_FILENAME, SiteError, read_labels_csv, site_labels_path
 
 IDENTIFYING_KEYWORDS = ("PatientName", "PatientBirthDate", "PatientAddress", "OtherPatientIDs")

@@ -14,7 +14,7 @@ import torch
 
 from crosssim.config import CrossSimConfig, DataConfig
 from crosssim.data.cache import CachedEntry, FileStamp, SiteCache, default_cache_dir
-from crosssim.data.dicom import SkippedFile, iter_candidate_files, read_image
+from crosssim.data.files import iter_candidate_files
 
 LABELS_FILENAME = "labels.csv"
 PROGRESS_EVERY_FILES = 200
@@ -184,6 +184,9 @@ def _load_entry(path: Path, rel: str, cfg: DataConfig, cache: SiteCache) -> tupl
     cached = cache.get(rel, stamp)
     if cached is not None:
         return cached, True
+    # Imported on a miss only: pydicom takes 0.5 s of every ClientApp process, and a cached site never decodes.
+    from crosssim.data.dicom import SkippedFile, read_image
+
     try:
         entry = CachedEntry(stamp, torch.from_numpy(read_image(path, cfg)))
     except SkippedFile as skip:
