@@ -87,7 +87,8 @@ def _protocol_line(protocol: Mapping[str, Any]) -> str:
     limit = f" (at most {protocol['limit']} images per site)" if protocol.get("limit") else ""
     return (f"protocol `{protocol.get('name')}`: {protocol.get('size')} sites{limit}, federated "
             f"{protocol.get('rounds')} rounds × {protocol.get('local_epochs')} local epochs, "
-            f"pooled / local-only / oracle {protocol.get('epochs')} epochs, TENT {protocol.get('tent_steps')} steps{size}")
+            f"pooled / local-only / oracle {protocol.get('epochs')} epochs, "
+            f"TENT {protocol.get('tent_steps')} steps{size}")
 
 
 def _suite_command(doc: Mapping[str, Any]) -> str:

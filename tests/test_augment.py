@@ -30,7 +30,8 @@ def _per_sample(x: torch.Tensor, reduce) -> torch.Tensor:
 
 
 def _stays_in_own_range(x: torch.Tensor, out: torch.Tensor, cfg: AugmentConfig) -> bool:
-    return bool((out >= _per_sample(x, torch.min) - TOLERANCE).all() and (out <= _per_sample(x, torch.max) + TOLERANCE).all())
+    return bool((out >= _per_sample(x, torch.min) - TOLERANCE).all()
+                and (out <= _per_sample(x, torch.max) + TOLERANCE).all())
 
 
 def _monotone_and_keeps_range(x: torch.Tensor, out: torch.Tensor, cfg: AugmentConfig) -> bool:
@@ -43,7 +44,8 @@ def _monotone_and_keeps_range(x: torch.Tensor, out: torch.Tensor, cfg: AugmentCo
 def _bias_within_field_bound(x: torch.Tensor, out: torch.Tensor, cfg: AugmentConfig) -> bool:
     bound = math.exp(10 * cfg.scanner_strength * cfg.scanner_bias_coefficient)  # 10 products, |P_i P_j| <= 1
     low = _per_sample(x, torch.min)
-    return bool(((out - low) >= (x - low) / bound - TOLERANCE).all() and ((out - low) <= (x - low) * bound + TOLERANCE).all())
+    return bool(((out - low) >= (x - low) / bound - TOLERANCE).all()
+                and ((out - low) <= (x - low) * bound + TOLERANCE).all())
 
 
 def _noise_sigma_within_range(x: torch.Tensor, out: torch.Tensor, cfg: AugmentConfig) -> bool:

@@ -159,6 +159,7 @@ def test_run_check_json_and_exit_codes(site: Path, tmp_path: Path,
 def test_labels_outside_the_configured_classes_are_counted(site: Path) -> None:
     cfg = dataclasses.replace(CFG, classes=("normal",))
     report = scan_site(site, cfg)
-    assert report.labels is not None and report.labels.outside_classes == {"abnormal": 2}  # rows, as training counts them
+    # rows, as training counts them
+    assert report.labels is not None and report.labels.outside_classes == {"abnormal": 2}
     assert "labels outside the configured classes ['normal']: abnormal 2: training refuses this site" \
         in format_report(report)

@@ -18,7 +18,8 @@ RUN_TIMEOUT_S = 420
 CONNECT_TIMEOUT_S = 120  # clients start first and wait for the SuperLink
 CLIENTAPP = "flwr-clientapp"
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.skipif(not Path("/proc").is_dir(), reason="process accounting reads /proc")]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults,
+              pytest.mark.skipif(not Path("/proc").is_dir(), reason="process accounting reads /proc")]
 
 
 class Federation:

@@ -1,4 +1,5 @@
-"""Choosing a default by leaving one source out (benchmarks/loso_sweep.py): never reads the target's labels to choose."""
+"""Choosing a default by leaving one source out (benchmarks/loso_sweep.py): never reads the target's labels to
+choose."""
 
 from __future__ import annotations
 

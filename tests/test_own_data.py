@@ -31,7 +31,8 @@ def test_train_without_classes_takes_the_sorted_union_and_counts_every_image(bin
 def test_a_label_outside_the_configured_classes_is_one_line_naming_the_file(binary_sites, tmp_path, capsys):
     site = shutil.copytree(binary_sites[0], tmp_path / "site")
     labels = list(read_labels_csv(site / LABELS_FILENAME).items())
-    write_labels_csv(site / LABELS_FILENAME, [(p, "effusion" if i < 2 else label) for i, (p, label) in enumerate(labels)])
+    write_labels_csv(site / LABELS_FILENAME,
+                     [(p, "effusion" if i < 2 else label) for i, (p, label) in enumerate(labels)])
     assert crosssim_main(["train", "--sites", str(site), "--out", str(tmp_path / "run"), "--cache",
                           str(tmp_path / "cache"), "--set", "classes=abnormal,normal", *TINY]) == 1
     error = capsys.readouterr().err.strip().splitlines()
