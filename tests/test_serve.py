@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -172,7 +173,8 @@ def server(exported, tmp_path_factory):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=REQUEST_TIMEOUT_S)
         with pytest.raises(httpx.ConnectError):  # and a client that does not trust our CA refuses the server
             httpx.get(f"https://127.0.0.1:{port}/health", timeout=REQUEST_TIMEOUT_S)
-        with httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S, verify=str(tls.ca),
+        trust_our_ca = ssl.create_default_context(cafile=str(tls.ca))
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S, verify=trust_our_ca,
                           headers={"authorization": f"Bearer {TOKEN}"}) as client:
             yield client
     finally:
