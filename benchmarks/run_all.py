@@ -31,6 +31,7 @@ from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, ESTIMATE_F
                                  FIGURES, METHOD_LABELS, METHODS, RESULTS_DIR, SUITES, format_stat, git_commit,
                                  paired_difference, suite_table, summarize)
 from benchmarks.few_shot import few_shot_table  # noqa: E402
+from benchmarks.serve import serve_lines  # noqa: E402
 from benchmarks.loso_sweep import sweep_table  # noqa: E402
 
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
@@ -205,7 +206,7 @@ def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
 
 def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, Any] | None = None,
                       perf: Mapping[str, Any] | None = None, loso_docs: Sequence[Mapping[str, Any]] = (),
-                      few_shot_docs: Sequence[Mapping[str, Any]] = (),
+                      few_shot_docs: Sequence[Mapping[str, Any]] = (), serve: Mapping[str, Any] | None = None,
                       other_files: Sequence[str] = (), generated: str | None = None,
                       commit: Mapping[str, Any] | None = None) -> str:
     """The whole RESULTS.md as text (a pure function of the results, for tests)."""
@@ -263,6 +264,13 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
         deployment = perf.get("details", {}).get("deployment")
         if deployment and "before" in deployment:
             out += deployment_table(deployment)
+    if serve is not None:
+        out += ["## The model in service (`benchmarks/serve.py`)", "",
+                "`crosssim export` (ONNX, and int8 statically quantized on the target's images) served by "
+                "`crosssim serve` over loopback HTTP, against the same checkpoint in-process in PyTorch and "
+                "ONNX Runtime in-process; every variant in the same run. Run "
+                f"{serve.get('environment', {}).get('date', '?')} at commit "
+                f"{str(serve.get('environment', {}).get('commit', '?'))[:12]}.", "", *serve_lines(serve), ""]
     if loso_docs:
         out += ["## Choosing defaults without target labels (`benchmarks/loso_sweep.py`, not part of `make bench`)",
                 "", "Each candidate trains CrossSim on two sources and is scored on the third (plain and with "
@@ -303,13 +311,15 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
     results_dir = Path(results_dir)
     docs = load_accuracy_docs(results_dir)
     load, perf = _read_json(results_dir / "load.json"), _read_json(results_dir / "perf.json")
+    serve = _read_json(results_dir / "serve.json")
     loso_docs = [doc for path in sorted(results_dir.glob(LOSO_GLOB)) if (doc := _read_json(path)) is not None]
     few_shot_docs = [doc for path in sorted(results_dir.glob(FEW_SHOT_GLOB)) if (doc := _read_json(path)) is not None]
-    known = ({d["_file"] for d in docs} | {"load.json", "perf.json"} | {p.name for p in results_dir.glob(LOSO_GLOB)}
+    known = ({d["_file"] for d in docs} | {"load.json", "perf.json", "serve.json"}
+             | {p.name for p in results_dir.glob(LOSO_GLOB)}
              | {p.name for p in results_dir.glob(FEW_SHOT_GLOB)})
     others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
     text = render_results_md(docs, load=load, perf=perf, loso_docs=loso_docs, few_shot_docs=few_shot_docs,
-                             other_files=others, **kwargs)
+                             serve=serve, other_files=others, **kwargs)
     Path(out).write_text(text)
     return Path(out)
 
@@ -324,7 +334,8 @@ def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[
         accuracy += ["--work", str(args.work)]
     if args.resume:
         accuracy.append("--resume")
-    return [accuracy, [python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")]]
+    return [accuracy, [python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")],
+            [python, str(BENCH_DIR / "serve.py")]]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -125,6 +125,30 @@ def accuracies(checkpoint: Path, folder: Path, target: Path, labels: Path, cache
             "int8_float_agreement": float((int8_pred == float_pred).mean())}
 
 
+def serve_lines(doc: dict[str, Any]) -> list[str]:
+    """A serve.json document as text: the settings line, one table row per variant against in-process PyTorch,
+    the accuracy line (printed by this script and shown in RESULTS.md)."""
+    settings, rows, accuracy = doc.get("settings", {}), doc.get("rows", {}), doc.get("accuracy", {})
+    base, load = rows["pytorch"], doc.get("load_average")
+    lines = [f"{settings.get('requests')} sequential requests per variant, target DICOM files of "
+             f"{settings.get('image_size')} px, {settings.get('threads')} thread(s), "
+             f"{doc.get('environment', {}).get('cpu_count')} CPUs, load average "
+             f"{'?' if load is None else f'{load:.1f}'}", "",
+             "| variant | requests/s | p50 ms | p95 ms | req/s vs pytorch | p50 vs pytorch | p95 vs pytorch |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['requests_per_s']:.1f} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
+                     f"{row['requests_per_s'] / base['requests_per_s']:.2f}× | {row['p50_ms'] / base['p50_ms']:.2f}× | "
+                     f"{row['p95_ms'] / base['p95_ms']:.2f}× |")
+    if accuracy:
+        change = accuracy['onnx_int8'] - accuracy['onnx_float']
+        lines += ["", f"Accuracy on the labeled target ({accuracy['images']} images): pytorch "
+                      f"{accuracy['pytorch']:.3f}, onnx float {accuracy['onnx_float']:.3f}, onnx int8 "
+                      f"{accuracy['onnx_int8']:.3f} (int8 − float {change:+.3f}; "
+                      f"int8 agrees with float on {accuracy['int8_float_agreement']:.3f})."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="timed requests per variant")
@@ -158,23 +182,11 @@ def main() -> None:
             print(f"timing {name} ...", flush=True)
             rows[name] = http_variant(folder, int8, args.threads, bodies, args.requests)
         accuracy = accuracies(checkpoint, folder, hospitals.target_site, hospitals.target_labels, cache)
-    base = rows["pytorch"]
-    print(f"\n{args.requests} sequential requests per variant, {len(bodies)} target DICOM files "
-          f"({args.image_size} px), {args.threads} thread(s), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print("| variant | requests/s | p50 ms | p95 ms | req/s vs pytorch | p50 vs pytorch | p95 vs pytorch |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['requests_per_s']:.1f} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
-              f"{row['requests_per_s'] / base['requests_per_s']:.2f}× | {row['p50_ms'] / base['p50_ms']:.2f}× | "
-              f"{row['p95_ms'] / base['p95_ms']:.2f}× |")
-    print(f"\naccuracy on the labeled target ({accuracy['images']} images): pytorch {accuracy['pytorch']:.3f}, "
-          f"onnx float {accuracy['onnx_float']:.3f}, onnx int8 {accuracy['onnx_int8']:.3f} "
-          f"(int8 − float {accuracy['onnx_int8'] - accuracy['onnx_float']:+.3f}; "
-          f"int8 agrees with float on {accuracy['int8_float_agreement']:.3f})")
+    doc = {"environment": environment(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows,
+           "accuracy": accuracy, "load_average": os.getloadavg()[0]}
+    print("\n" + "\n".join(serve_lines(doc)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": environment(), "settings": vars(args) | {"out": str(args.out)},
-                                    "rows": rows, "accuracy": accuracy}, indent=2))
+    args.out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -252,7 +252,7 @@ def test_results_written_by_the_run_do_not_mark_the_tree_dirty(tmp_path: Path) -
 
 def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
     quick = run_all.bench_steps(run_all.parse_args([]), python="py")
-    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "perf.py", "load.py"]
+    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "perf.py", "load.py", "serve.py"]
     assert "--full" not in quick[0] and "--resume" not in quick[0] and quick[1][2] == "--quick"
     full = run_all.bench_steps(run_all.parse_args(["--full", "--resume", "--seeds", "2"]), python="py")
     assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--resume"]
