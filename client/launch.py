@@ -149,20 +149,19 @@ def require_auth_key(args: argparse.Namespace) -> None:
 def _run_supernode(process: subprocess.Popen) -> tuple[int, str | None]:
     """Echo the SuperNode's output until it exits (then stop what it left running); its exit code and the marker
     of a known refusal it printed, if any."""
-    seen: list[str] = []
-    echo = threading.Thread(target=_echo, args=(process.stdout, seen), daemon=True)
+    refusals: list[str] = []
+    echo = threading.Thread(target=_echo, args=(process.stdout, refusals), daemon=True)
     echo.start()
     code = process.wait()
     stop_group(process)  # its SuperExec and ClientApps hold the output pipe open
     echo.join()
-    return code, next((marker for marker in FLOWER_REFUSALS if any(marker in line for line in seen)), None)
+    return code, next(iter(refusals), None)
 
 
-def _echo(stream: IO[bytes], seen: list[str]) -> None:
-    """Copy ``stream`` to stdout line by line, keeping the lines that name a refusal."""
+def _echo(stream: IO[bytes], refusals: list[str]) -> None:
+    """Copy ``stream`` to stdout line by line, noting the marker of each refusal a line names."""
     for raw in stream:
         line = raw.decode(errors="replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        if any(marker in line for marker in FLOWER_REFUSALS):
-            seen.append(line)
+        refusals += [marker for marker in FLOWER_REFUSALS if marker in line]

@@ -15,7 +15,7 @@ import datetime
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,3 +170,19 @@ def public_keys_in(folder: str | Path) -> list[Path]:
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise ValueError(f"{key}: not an ECDSA key (Flower's SuperNode authentication needs a NIST EC curve)")
     return keys
+
+
+def chosen_tls_files(tls_dir: str | None, given: Mapping[str, str | None],
+                     in_folder: Callable[[TlsFiles], Sequence[Path]]) -> list[str] | None:
+    """The TLS files a launcher uses: ``in_folder`` of ``--tls-dir``, or every one of the ``given`` --ssl-* flags
+    (flag → value); None when neither is given (plain HTTP); ValueError for a mix."""
+    values = [value for value in given.values() if value]
+    if tls_dir:
+        if values:
+            raise ValueError(f"give either --tls-dir or {', '.join(given)}, not both")
+        return [str(path) for path in in_folder(TlsFiles(Path(tls_dir)))]
+    if not values:
+        return None
+    if len(values) != len(given):
+        raise ValueError(f"TLS needs {', '.join(given)} together")
+    return values

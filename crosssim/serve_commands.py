@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from crosssim.adapt_options import ADAPT_METHODS
 
@@ -42,22 +41,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """The certificate and key to serve HTTPS with (from --tls-dir or the two --ssl-* files), each checked."""
-    from crosssim.certs import TlsFiles
-    from crosssim.processes import LaunchError, require_pem
+    from crosssim.certs import chosen_tls_files
+    from crosssim.processes import require_pem
 
-    if args.tls_dir and (args.ssl_certfile or args.ssl_keyfile):
-        raise LaunchError("give either --tls-dir or --ssl-certfile with --ssl-keyfile, not both")
-    if args.tls_dir:
-        files = TlsFiles(Path(args.tls_dir))
-        certfile, keyfile = str(files.server_cert), str(files.server_key)
-    elif bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        raise LaunchError("HTTPS needs --ssl-certfile and --ssl-keyfile together")
-    else:
-        certfile, keyfile = args.ssl_certfile, args.ssl_keyfile
-    if certfile:
-        require_pem(certfile, "certificate", "--ssl-certfile")
-        require_pem(keyfile, "private key", "--ssl-keyfile")
-    return certfile, keyfile
+    files = chosen_tls_files(args.tls_dir, {"--ssl-certfile": args.ssl_certfile, "--ssl-keyfile": args.ssl_keyfile},
+                             lambda tls: (tls.server_cert, tls.server_key))
+    if files is None:
+        return None, None
+    require_pem(files[0], "certificate", "--ssl-certfile")
+    require_pem(files[1], "private key", "--ssl-keyfile")
+    return files[0], files[1]
 
 
 def add_commands(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from crosssim.boundary import FLWR_HOME_DIRNAME, OUT_KEY, RESUME_KEY, SUPERLINK_LOG_NAME, final_checkpoint
-from crosssim.certs import TlsFiles, public_keys_in
+from crosssim.certs import chosen_tls_files, public_keys_in
 from crosssim.config import CrossSimConfig, to_run_config
 from crosssim.processes import (
     Children,
@@ -85,18 +85,11 @@ def default_app_root() -> Path:
     return root
 
 
-def _tls_files(args: argparse.Namespace) -> tuple[str, str, str] | None:
-    files = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
-    if args.tls_dir:
-        if any(files):
-            raise LaunchError("give either --tls-dir or the three --ssl-* files, not both")
-        tls = TlsFiles(Path(args.tls_dir))
-        return str(tls.ca), str(tls.server_cert), str(tls.server_key)
-    if not any(files):
-        return None
-    if not all(files):
-        raise LaunchError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
-    return files
+def _tls_files(args: argparse.Namespace) -> list[str] | None:
+    """CA, SuperLink certificate and key (from --tls-dir or the three --ssl-* files), or None for plain HTTP."""
+    return chosen_tls_files(args.tls_dir, {"--ssl-ca-certfile": args.ssl_ca_certfile,
+                                           "--ssl-certfile": args.ssl_certfile, "--ssl-keyfile": args.ssl_keyfile},
+                            lambda tls: (tls.ca, tls.server_cert, tls.server_key))
 
 
 def check_tls_files(args: argparse.Namespace) -> None:
