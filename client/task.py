@@ -17,15 +17,15 @@ from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, COMPUTE_DO
                                STYLE_BANK_RECORD, STYLE_RECORD, TARGET_DIR_KEY, TARGET_IMAGES, TIMINGS_RECORD)
 from crosssim.config import CrossSimConfig
 from crosssim.data.sites import SiteError, load_site
-from crosssim.federated import (LocalSite, config_from_wire, evaluate_round, federated_classes, from_wire,
-                                local_state_keys, merge_state, prototypes_from_arrays, prototypes_to_arrays,
-                                sendable_state, site_dirs, split_state, style_of, to_wire, train_metrics,
-                                train_round)
+from crosssim.federated import (LocalSite, config_from_wire, evaluate_round, federated_classes, local_state_keys,
+                                merge_state, prototypes_from_arrays, prototypes_to_arrays, sendable_state, site_dirs,
+                                split_state, style_of, train_metrics, train_round)
 from crosssim.method import uses_style_bank
 from crosssim.model import CrossSimNet, build_model
 from crosssim.prototypes import Prototypes
 from crosssim.style import StyleEntry, bank_from_arrays, layer_channels
 from crosssim.train import configure_threads, resolve_device
+from crosssim.wire import from_wire, to_wire
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _global_model(content: RecordDict, context: Context, cfg: CrossSimConfig) ->
     """The model holding the global weights (with this site's own BatchNorm layers under FedBN)."""
     model = build_model(cfg.model, len(federated_classes(cfg)))
     local_keys = local_state_keys(model, cfg.method.strategy)
-    state = merge_state(model.state_dict(), from_wire(content[ARRAYS_RECORD].to_torch_state_dict()))
+    state = from_wire(content[ARRAYS_RECORD].to_torch_state_dict(), model.state_dict())
     if local_keys and BATCHNORM_STATE_RECORD in context.state:
         state = merge_state(state, context.state[BATCHNORM_STATE_RECORD].to_torch_state_dict())
     model.load_state_dict(state)

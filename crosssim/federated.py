@@ -33,8 +33,6 @@ from crosssim.shift import aggregate_figures, forward_with_figures
 from crosssim.style import StyleEntry, compute_style
 from crosssim.train import TrainResult, infer, lambda_for_step, round_lr, train_local
 
-# Floating-point dtype of model weights on the wire (config key update-dtype); math is float32 everywhere.
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SITE_SEED_SPAN = 2**16  # per-site offset added to the seed, from a hash of the site name
 ROUND_SEED_STRIDE = 1_000_003  # seed offset between rounds (prime, larger than any site offset)
 
@@ -138,21 +136,6 @@ def merge_state(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Ten
     if unknown:
         raise ValueError(f"unexpected tensors {sorted(unknown)[:3]} not in the model")
     return {k: (update[k].to(v.dtype) if k in update else v).clone() for k, v in base.items()}
-
-
-def cast_floats(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` with its floating-point tensors cast to ``dtype``; integer buffers (BN counters) unchanged."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def to_wire(state: Mapping[str, torch.Tensor], update_dtype: str) -> dict[str, torch.Tensor]:
-    """Model tensors as they travel: floating-point ones in ``update-dtype`` (float16 halves the bytes)."""
-    return cast_floats(state, WIRE_DTYPES[update_dtype])
-
-
-def from_wire(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Received model tensors back in float32, before any averaging or loading (never sum in float16)."""
-    return cast_floats(state, torch.float32)
 
 
 def sendable_state(model: nn.Module, local_keys: set[str]) -> dict[str, torch.Tensor]:

@@ -39,12 +39,13 @@ from crosssim.boundary import (ARRAYS_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, EV
                                TIMINGS_RECORD)
 from crosssim.checkpoint import Checkpoint, SourceStats
 from crosssim.config import CrossSimConfig
-from crosssim.federated import (from_wire, local_state_keys, merge_state, prototypes_from_arrays,
-                                prototypes_to_arrays, round_schedule, source_stats, to_wire)
+from crosssim.federated import (local_state_keys, merge_state, prototypes_from_arrays, prototypes_to_arrays,
+                                round_schedule, source_stats)
 from crosssim.method import uses_style_bank
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes, aggregate_prototypes
 from crosssim.style import StyleEntry, aggregate_bank, bank_to_arrays, layer_channels
+from crosssim.wire import from_wire, to_wire
 from server.reply_check import norm_outliers, state_problem, update_norm
 from server.store import RoundRecord, RunStore
 
@@ -143,9 +144,7 @@ class CrossSimStrategy(FedAvg):
         return self.round_offset + server_round
 
     def _to_wire(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The global weights as sent to sites: floating-point tensors in ``update-dtype``."""
-        if self.cfg.federation.update_dtype == "float32":
-            return arrays
+        """The global weights as sent to sites: packed (``crosssim.wire``), floats in ``update-dtype``."""
         return ArrayRecord(to_wire(arrays.to_torch_state_dict(), self.cfg.federation.update_dtype))
 
     def _with_summaries(self, messages: Iterable[Message], style_bank: bool) -> list[Message]:
@@ -275,7 +274,7 @@ class CrossSimStrategy(FedAvg):
             msg.content.pop(STYLE_RECORD)
         if ARRAYS_RECORD not in msg.content:
             return msg, None, style
-        state = from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict())
+        state = from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict(), expected)  # ValueError if it won't fit
         problem = state_problem(state, expected)
         if problem:
             raise ValueError(problem)

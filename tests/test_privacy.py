@@ -37,6 +37,7 @@ from crosssim.metrics import CONFIDENCE_BINS
 from crosssim.model import batchnorm_state_keys, build_model
 from crosssim.prototypes import Prototypes
 from crosssim.style import STYLE_COUNT, STYLE_STATS, StyleEntry, bank_to_arrays, layer_channels
+from crosssim.wire import from_wire, to_wire
 
 IMAGE_SIZE_PX = 32
 MIN_COUNT = 3  # with 12 images a site, some classes fall under it
@@ -65,7 +66,7 @@ def _send(site_dir, tmp_path, strategy: str, message_type: str, prototypes: Prot
     model = build_model(cfg.model, len(cfg.data.classes))
     config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 2, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.5,
                            ROUND_EVALUATE: evaluate})
-    records = {"arrays": ArrayRecord(model.state_dict()), "config": config}
+    records = {"arrays": ArrayRecord(to_wire(model.state_dict(), cfg.federation.update_dtype)), "config": config}
     if prototypes is not None:
         records["prototypes"] = ArrayRecord(prototypes_to_arrays(prototypes))
     if style_bank is not None:
@@ -105,8 +106,9 @@ def test_train_reply_holds_only_weights_prototypes_and_scalars(site_dir, tmp_pat
         for key in batchnorm_state_keys(model):
             expected.pop(key)
         assert set(context.state[BATCHNORM_STATE_RECORD].keys()) == batchnorm_state_keys(model)
-    sent = content["arrays"].to_torch_state_dict()
-    assert {k: tuple(v.shape) for k, v in sent.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    packed = content["arrays"].to_torch_state_dict()  # the declared tensors, flat (crosssim.wire): nothing more
+    assert {k: v.numel() for k, v in packed.items()} == {k: v.numel() for k, v in to_wire(expected, "float32").items()}
+    sent = from_wire(packed, expected)
 
     protos = content["prototypes"].to_torch_state_dict()
     assert set(protos) == {PROTOTYPE_VECTORS, PROTOTYPE_COUNTS}

@@ -17,6 +17,7 @@ from crosssim.data.synth import generate_hospitals
 from crosssim.federated import wire_config
 from crosssim.model import build_model
 from crosssim.prototypes import Prototypes
+from crosssim.wire import FLOATS_ARRAY, INTEGERS_ARRAY, to_wire
 from server.app import ServerSettings, run_federation
 from server.store import RunStore
 from server.strategy import build_strategy
@@ -36,15 +37,13 @@ def _train_reply(site_dir, cache_dir, update_dtype: str) -> RecordDict:
     """One train message through the ClientApp, as the server sends it (weights in ``update_dtype``)."""
     cfg = load_config(None, {**TINY, "update-dtype": update_dtype})
     state = build_model(cfg.model, len(cfg.data.classes)).state_dict()
-    wire = torch.float16 if update_dtype == "float16" else torch.float32
-    state = {k: v.to(wire) if v.is_floating_point() else v for k, v in state.items()}
     config = ConfigRecord({**wire_config(cfg), SERVER_ROUND: 1, ROUND_LR: cfg.train.lr, ROUND_LAMBDA: 0.0})
     metadata = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
                         group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
                       node_config={"data": str(site_dir), "site": "a", "cache": str(cache_dir)})
-    reply = client_app(Message(content=RecordDict({"arrays": ArrayRecord(state), "config": config}),
-                               metadata=metadata), context)
+    content = RecordDict({"arrays": ArrayRecord(to_wire(state, update_dtype)), "config": config})
+    reply = client_app(Message(content=content, metadata=metadata), context)
     assert not reply.has_error(), reply.error
     return reply.content
 
@@ -53,11 +52,10 @@ def test_float16_train_reply_sends_half_the_weight_bytes(dtype_sites, tmp_path):
     half = _train_reply(dtype_sites[0], tmp_path / "cache", "float16")
     full = _train_reply(dtype_sites[0], tmp_path / "cache", "float32")
     sent = half["arrays"].to_torch_state_dict()
-    assert all(v.dtype == torch.float16 for v in sent.values() if v.is_floating_point())
-    integers = {k: v.dtype for k, v in sent.items() if not v.is_floating_point()}
-    assert integers and set(integers.values()) == {torch.int64}  # num_batches_tracked as it was
-    assert all(v.dtype == torch.float32 for v in full["arrays"].to_torch_state_dict().values()
-               if v.is_floating_point())
+    assert set(sent) == {FLOATS_ARRAY, INTEGERS_ARRAY}  # the whole model in two arrays (crosssim.wire)
+    assert sent[FLOATS_ARRAY].dtype == torch.float16
+    assert sent[INTEGERS_ARRAY].dtype == torch.int64  # num_batches_tracked as it was
+    assert full["arrays"].to_torch_state_dict()[FLOATS_ARRAY].dtype == torch.float32
     ratio = array_record_to_proto(half["arrays"]).ByteSize() / array_record_to_proto(full["arrays"]).ByteSize()
     assert HALF_BYTES[0] < ratio < HALF_BYTES[1], ratio
 
@@ -71,7 +69,8 @@ def test_server_averages_float16_replies_in_float32(tmp_path):
     sites = [{k: (torch.randn(v.shape, generator=generator) * 3).half() if v.is_floating_point() else v
               for k, v in state.items()} for _ in range(2)]
     protos = Prototypes.empty(len(classes), 128)
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, sites[0], protos, 1), _reply(2, sites[1], protos, 3)])
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, sites[0], protos, 1, "float16"),
+                                             _reply(2, sites[1], protos, 3, "float16")])
     averaged = arrays.to_torch_state_dict()
     assert averaged.keys() == state.keys()
     for key, value in averaged.items():
@@ -90,8 +89,9 @@ def test_float16_round_sends_float16_and_checkpoints_float32(tmp_path, dtype_sit
     final = load_checkpoint(run_federation(grid, ServerSettings(cfg, tmp_path / "run", False, 2), lambda _: None))
     assert grid.train_sent, "no train message was sent"
     for _, sent in grid.train_sent:  # server → site
-        assert all(v.dtype == torch.float16 for v in sent.values() if v.is_floating_point())
+        assert sent[FLOATS_ARRAY].dtype == torch.float16
+    model_keys = build_model(cfg.model, len(cfg.data.classes)).state_dict().keys()
     for ckpt in (final, load_checkpoint(tmp_path / "run" / "round-0001.pt")):
-        assert ckpt.state_dict.keys() == sent.keys()
+        assert ckpt.state_dict.keys() == model_keys
         assert all(v.dtype == torch.float32 for v in ckpt.state_dict.values() if v.is_floating_point())
         assert all(not v.is_floating_point() for k, v in ckpt.state_dict.items() if k.endswith("num_batches_tracked"))
