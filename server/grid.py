@@ -1,18 +1,32 @@
-"""The ServerApp's grid: Flower's own, except that replies are pulled every ``reply-poll-s`` rather than every 3 s.
+"""The ServerApp's grid: Flower's own, except that replies are pulled every ``reply-poll-s`` rather than every 3 s,
+and a reply's objects not uploaded yet are asked for again after ``reply-poll-s`` rather than after 1 s.
 
 Flower 1.42's deployment grid (``flwr.superlink.grid.http_grid.HttpGrid.send_and_receive``) sleeps 3 s between
 pulls, so every message waits on average 1.5 s after its last reply reached the SuperLink; the same Flower's own
-agent grid (``flwr.supercore.task_process.agent.grid``) polls every 0.25 s. Pushing and pulling stay Flower's.
+agent grid (``flwr.supercore.task_process.agent.grid``) polls every 0.25 s. Polled that often, a reply is often
+found while its SuperNode is still uploading the reply's objects (the message comes first); Flower's
+``pull_objects`` then retries each missing object after ``PULL_INITIAL_BACKOFF`` (1 s), doubling: most rounds
+would pay that second. Pushing and pulling stay Flower's.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.superlink.grid import http_grid
+from flwr.supercore.constant import PULL_INITIAL_BACKOFF
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.run import Run
+
+
+def retry_object_pulls_after(backoff_s: float) -> None:
+    """The deployment grid's first retry of a reply object not uploaded yet after ``backoff_s`` (Flower's doubling,
+    cap and limits stay). Flower 1.42 offers no setting for it: its module's ``pull_objects`` is bound anew."""
+    http_grid.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=backoff_s)
 
 
 class PollingGrid(Grid):
@@ -20,6 +34,7 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Grid, poll_s: float) -> None:
         self.grid, self.poll_s = grid, poll_s
+        retry_object_pulls_after(min(poll_s, PULL_INITIAL_BACKOFF))
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
