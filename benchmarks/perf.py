@@ -12,10 +12,12 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
    already in memory;
 3. cold vs cached site load (``benchmarks/load.py``'s ``measure``);
 4. a loopback deployment (SuperLink + 2 SuperNodes via ``crosssim server`` / ``crosssim client``, as in
-   tests/test_deployment.py), today's rounds (two messages, Flower's poll intervals) and this checkout's
-   defaults one after the other: each round's wall time split into message delivery wait, ClientApp start,
-   imports, data load, model build, compute, reply transport and the server's aggregation + checkpoint, from the
-   server's and the sites' wall-clock instants in ``RUN/rounds.jsonl``;
+   tests/test_deployment.py): the code as issue 16 found it (``BASELINE_COMMIT``, run from its own files), today's
+   rounds on this checkout (two messages, Flower's poll intervals) and this checkout's defaults, one after the
+   other: each round's wall time split into message delivery wait, ClientApp start, imports, data load, model
+   build, compute, reply transport and the server's aggregation + checkpoint, from the server's and the sites'
+   wall-clock instants in ``RUN/rounds.jsonl``; the overhead (wall − slowest site compute) of all three from the
+   sites' compute-s metrics;
 5. bytes per round per client by record (weights, prototypes, metrics, config; both directions) with
    ``update-dtype`` float16 vs float32, serialized by Flower's own protobuf serde from the records the
    ClientApp's train/evaluate handlers return; and the target accuracy of a small ``crosssim simulate``
@@ -68,7 +70,8 @@ from crosssim.data.sites import load_site
 from crosssim.data.synth import CLASSES as SYNTH_CLASSES
 from crosssim.data.synth import generate_hospitals
 from crosssim.evaluate import evaluate_site
-from crosssim.federated import LocalSite, federated_classes, prototypes_to_arrays, round_schedule, to_wire, wire_config
+from crosssim.federated import LocalSite, federated_classes, prototypes_to_arrays, round_schedule, wire_config
+from crosssim.wire import to_wire
 from crosssim.model import build_model
 from crosssim.processes import SUPEREXEC_POLL_ENV
 from crosssim.prototypes import compute_prototypes
@@ -107,11 +110,16 @@ SIZES = {"quick": Sizes(images_per_site=160, epochs=1, repeats=5, load_repeats=2
 TINY_SETTINGS = {"classes": ",".join(SYNTH_CLASSES), "image-size": TINY_SIZE_PX, "local-epochs": 1, "min-count": 2}
 FLOWER_REPLY_POLL_S = 3.0  # flwr.superlink.grid.http_grid.HttpGrid.send_and_receive: time.sleep(3) between pulls
 FLOWER_SUPEREXEC_POLL_S = 1.0  # flwr.supercore.superexec.run_superexec: _DEFAULT_TASK_POLL_INTERVAL_SECONDS
-# Step 4's deployments: (config overrides, environment) of today's rounds and of this checkout's defaults.
+# Step 4's deployments: (checkout, config overrides, environment). "baseline" is main as issue 16 found it, run from
+# its own files (weights tensor by tensor, two messages a round, Flower's polls, pydicom at import); it has no site
+# timestamps, so only its wall, compute and overhead are known. "before" is today's rounds reproduced on this
+# checkout (two messages, Flower's polls) and "after" this checkout's defaults, both split into phases.
+BASELINE_COMMIT = "e25840d"
 DEPLOY_VARIANTS = {
-    "before": ({"round-style": "two-messages", "reply-poll-s": FLOWER_REPLY_POLL_S},
+    "baseline": (BASELINE_COMMIT, {}, {}),
+    "before": (None, {"round-style": "two-messages", "reply-poll-s": FLOWER_REPLY_POLL_S},
                {SUPEREXEC_POLL_ENV: str(FLOWER_SUPEREXEC_POLL_S)}),
-    "after": ({}, {}),
+    "after": (None, {}, {}),
 }
 ROUND_PHASES = ("message delivery wait", "ClientApp start (Python, flwr, message + FAB pull)",
                 "imports of client.app (torch, crosssim)", "ClientApp load → handler (Flower)", "data load (cache)",
@@ -343,18 +351,31 @@ def cold_import_seconds() -> float:
     return time.perf_counter() - started
 
 
+def checkout(commit: str, work: Path) -> Path:
+    """The files of ``commit`` (``git archive``) under ``work``, to run as they were."""
+    folder = work / f"checkout-{commit}"
+    if not (folder / "pyproject.toml").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 def deploy(sites: list[Path], work: Path, name: str, rounds: int, overrides: dict[str, Any],
-           env_extra: dict[str, str]) -> tuple[list[dict[str, Any]], float]:
-    """One loopback deployment with ``overrides`` (and ``env_extra`` for every process); (its records, whole s)."""
+           env_extra: dict[str, str], root: Path = ROOT) -> tuple[list[dict[str, Any]], float]:
+    """One loopback deployment of the code in ``root`` with ``overrides`` (and ``env_extra`` for every process);
+    (its records, whole s)."""
     link_port, *node_ports, http_port, control_port = free_ports(5)
-    env = {**flower_ports_env([http_port, control_port]), "PYTHONPATH": str(ROOT), **env_extra}
+    env = {**flower_ports_env([http_port, control_port]), "PYTHONPATH": str(root), **env_extra}
     run = work / f"deploy-{name}"
     started = time.perf_counter()
     server = launch(["server", "--out", run, "--port", link_port, "--min-sites", 2, "--rounds", rounds,
-                     "--app", ROOT, *_set_flags({**TINY_SETTINGS, **overrides})], env, work / f"deploy-{name}.log")
+                     "--app", root, *_set_flags({**TINY_SETTINGS, **overrides})], env, work / f"deploy-{name}.log",
+                    cwd=root)
     clients = [launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
                        "--cache", work / f"deploy-cache-{i}"], {**env, "FLWR_HOME": str(work / f"flwr-{name}-{i}")},
-                      work / f"deploy-{name}-client-{i}.log") for i, (site, port) in enumerate(zip(sites, node_ports))]
+                      work / f"deploy-{name}-client-{i}.log", cwd=root)
+               for i, (site, port) in enumerate(zip(sites, node_ports))]
     try:
         server.wait(timeout=DEPLOY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -398,43 +419,68 @@ def round_breakdown(record: dict[str, Any]) -> dict[str, float]:
     return phases
 
 
+def metrics_overhead(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean round wall, slowest site compute (train + evaluate, from the sites' own compute-s metrics) and their
+    difference: figures every version's ``rounds.jsonl`` holds, timestamps or not."""
+    compute = [max(r["train_compute_s"] or [0.0]) + max(r["evaluate_compute_s"] or [0.0]) for r in records]
+    wall = statistics.mean(r["wall_s"] for r in records)
+    return {"wall": wall, "site compute (slowest)": statistics.mean(compute),
+            "overhead (wall − slowest compute)": wall - statistics.mean(compute)}
+
+
+def _messages_per_site(records: list[dict[str, Any]], sites: int) -> float:
+    """Messages each site handled over the run: one per timestamped reply, else one per train and evaluate reply."""
+    if all("site_timings" in r for r in records):
+        return sum(len(r["site_timings"]) for r in records) / sites
+    return sum(len(r["train_compute_s"]) + len(r["evaluate_compute_s"]) for r in records) / sites
+
+
 def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> None:
-    """Today's rounds (two messages, Flower's 3 s reply poll and 1 s SuperExec poll) vs this checkout's defaults,
-    the same tiny federation, pairs interleaved; each round split into phases from timestamps. Of each variant
-    the least disturbed run (lowest mean round wall) is reported, every run is in the JSON."""
+    """The baseline commit, today's rounds on this checkout and this checkout's defaults, the same tiny federation,
+    runs interleaved; rounds split into phases from timestamps where the code records them. Of each variant the
+    least disturbed run (lowest mean round wall) is reported, every run is in the JSON."""
     step = f"4 loopback deployment (2 SuperNodes, {sizes.deploy_rounds} rounds)"
     cfg = _cfg(TINY_SETTINGS)
     for i, site in enumerate(sites):  # every deployment finds the caches warm, as after a first round
         load_site(site, cfg.data, labeled=True, classes=federated_classes(cfg), cache_dir=work / f"deploy-cache-{i}")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in DEPLOY_VARIANTS}
     for repeat in range(sizes.deploy_repeats):
-        for name, (overrides, env_extra) in DEPLOY_VARIANTS.items():
-            rounds, total = deploy(sites, work, f"{name}-{repeat}", sizes.deploy_rounds, overrides, env_extra)
-            split = [round_breakdown(r) for r in rounds]
-            mean = {phase: statistics.mean(s[phase] for s in split) for phase in split[0]}
-            runs[name].append({"rounds": split, "mean": mean, "total_s": total, "load_average": os.getloadavg(),
-                               "messages_per_site": sum(len(r["site_timings"]) for r in rounds) / len(sites)})
-            walls = ", ".join(f"{s['wall']:.1f}" for s in split)
+        for name, (commit, overrides, env_extra) in DEPLOY_VARIANTS.items():
+            root = checkout(commit, work) if commit else ROOT
+            rounds, total = deploy(sites, work, f"{name}-{repeat}", sizes.deploy_rounds, overrides, env_extra, root)
+            split = [round_breakdown(r) for r in rounds] if all("site_timings" in r for r in rounds) else []
+            mean = {phase: statistics.mean(s[phase] for s in split) for phase in split[0]} if split else {}
+            overall = metrics_overhead(rounds)
+            runs[name].append({"rounds": split, "mean": mean, "from_metrics": overall, "total_s": total,
+                               "load_average": os.getloadavg(), "load_s": [r["load_s"] for r in rounds],
+                               "messages_per_site": _messages_per_site(rounds, len(sites))})
+            walls = ", ".join(f"{r['wall_s']:.1f}" for r in rounds)
             report.progress(f"deployment {name} {repeat + 1}/{sizes.deploy_repeats}: rounds {walls} s, overhead "
-                            f"{mean['overhead (wall − slowest compute)']:.1f} s a round, whole run {total:.1f} s")
-    outcome: dict[str, Any] = {name: {**min(results, key=lambda r: r["mean"]["wall"]), "repeats": results,
-                                      "overrides": DEPLOY_VARIANTS[name][0], "env": DEPLOY_VARIANTS[name][1]}
+                            f"{overall['overhead (wall − slowest compute)']:.1f} s a round, whole run {total:.1f} s")
+    outcome: dict[str, Any] = {name: {**min(results, key=lambda r: r["from_metrics"]["wall"]), "repeats": results,
+                                      "commit": DEPLOY_VARIANTS[name][0], "overrides": DEPLOY_VARIANTS[name][1],
+                                      "env": DEPLOY_VARIANTS[name][2]}
                                for name, results in runs.items()}
-    after, before = outcome["after"]["mean"], outcome["before"]["mean"]
-    for phase in after:
-        goal = "; goal ≤ 0.5" if phase.startswith("overhead") else ""
-        report.row(step, f"after: {phase}, mean a round", after[phase], "before", before[phase], "s",
-                   f"rounds {', '.join(f'{s[phase]:.2f}' for s in outcome['after']['rounds'])} vs "
-                   f"{', '.join(f'{s[phase]:.2f}' for s in outcome['before']['rounds'])}{goal}")
-    report.row(step, "after: messages per site", outcome["after"]["messages_per_site"], "before",
-               outcome["before"]["messages_per_site"], "messages", "whole run")
-    report.row(step, "after: whole `crosssim server` run", outcome["after"]["total_s"], "before",
-               outcome["before"]["total_s"], "s", "incl. SuperLink start, nodes joining, FAB, ServerApp start, stop")
+    after, before, baseline = (outcome[name] for name in ("after", "before", "baseline"))
+    for phase in after["mean"]:
+        report.row(step, f"after: {phase}, mean a round", after["mean"][phase], "before", before["mean"][phase], "s",
+                   f"rounds {', '.join(f'{s[phase]:.2f}' for s in after['rounds'])} vs "
+                   f"{', '.join(f'{s[phase]:.2f}' for s in before['rounds'])}")
+    for figure, value in after["from_metrics"].items():
+        goal = "; goal ≤ 0.5" if figure.startswith("overhead") else ""
+        report.row(step, f"after: {figure} (compute-s metrics), mean a round", value,
+                   f"baseline {BASELINE_COMMIT}", baseline["from_metrics"][figure], "s",
+                   f"today's settings on this checkout: {before['from_metrics'][figure]:.2f} s{goal}")
+    report.row(step, "after: messages per site", after["messages_per_site"], f"baseline {BASELINE_COMMIT}",
+               baseline["messages_per_site"], "messages", "whole run")
+    report.row(step, "after: whole `crosssim server` run", after["total_s"], f"baseline {BASELINE_COMMIT}",
+               baseline["total_s"], "s", "incl. SuperLink start, nodes joining, FAB, ServerApp start, stop")
     imports = statistics.median(cold_import_seconds() for _ in range(2))
     report.row(step, "cold `python -c 'import client.app'`", imports, "before: process start + imports a round",
-               sum(before[p] for p in ROUND_PHASES[1:4]), "s", "what a fresh process per message costs")
+               sum(before["mean"][p] for p in ROUND_PHASES[1:4]), "s", "what a fresh process per message costs")
     report.details["deployment"] = {**outcome, "cold_import_s": imports, "images_per_site": sizes.tiny_images,
-                                    "settings": TINY_SETTINGS, "phases": list(ROUND_PHASES)}
+                                    "settings": TINY_SETTINGS, "phases": list(ROUND_PHASES),
+                                    "baseline_commit": BASELINE_COMMIT}
 
 
 # ------------------------------------------------------------------------------ 5. bytes and accuracy
@@ -689,7 +735,7 @@ def main() -> None:
                 2: ("an epoch through the hospital-side cache vs in memory",
                     lambda: epoch_from_cache(report, folder, cache_dir, sizes)),
                 3: ("cold vs cached site load", lambda: site_load(report, folder, work / "load", sizes)),
-                4: ("loopback deployment (crosssim server + 2 × crosssim client), before vs after",
+                4: ("loopback deployment (crosssim server + 2 × crosssim client): baseline commit, before, after",
                     lambda: deployment(report, tiny[:2], work, sizes)),
                 5: ("bytes on the wire and accuracy, float16 vs float32",
                     lambda: wire_and_accuracy(report, hospitals, cache_dir, work, sizes)),

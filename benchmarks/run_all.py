@@ -183,24 +183,44 @@ def _step_runs_line(perf: Mapping[str, Any]) -> list[str]:
 
 
 def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
-    """perf.py step 4: a deployment round, phase by phase (mean over rounds, seconds), before and after."""
+    """perf.py step 4: a deployment round, phase by phase (mean over rounds, seconds), before and after; then the
+    overhead of the baseline commit, before and after from the sites' compute-s metrics."""
     before, after = deployment["before"], deployment["after"]
     rounds = len(after["rounds"])
     lines = ["### A deployment round, phase by phase", "",
              f"Loopback, 2 SuperNodes of {deployment.get('images_per_site', '?')} images, {rounds} rounds each; "
-             f"{len(after.get('repeats', [after]))} before/after pairs interleaved in the same run, the least "
+             f"{len(after.get('repeats', [after]))} runs of each variant interleaved in the same run, the least "
              "disturbed run of each (lowest mean round wall) shown; per round, along the site the server waited "
              "for, from the "
              "server's and the sites' wall-clock instants (`RUN/rounds.jsonl`: `timeline`, `site_timings`). "
-             "Before: two messages a round (train, then evaluate), Flower's 3 s reply poll, SuperExec's 1 s poll. "
+             "Before: today's rounds on this checkout: two messages a round (train, then evaluate), Flower's 3 s reply "
+             "poll, SuperExec's 1 s poll. "
              "After: this commit's defaults (one message a round plus one final evaluate message, 0.25 s reply "
-             "poll, 0.1 s SuperExec poll, no pydicom import in the ClientApp). See docs/FLOWER-OVERHEAD.md.", "",
+             "poll and first retry of a reply object not uploaded yet, 0.1 s SuperExec poll, no pydicom import in "
+             "the ClientApp). Both send the weights packed in two arrays (`crosssim/wire.py`). See "
+             "docs/FLOWER-OVERHEAD.md.", "",
              "| phase | before (s a round) | after (s a round) | after / before |", "|---|---|---|---|"]
     for phase, value in after["mean"].items():
         old = before["mean"][phase]
         lines.append(f"| {phase} | {old:.2f} | {value:.2f} | {value / old if old else float('nan'):.2f} |")
     lines.append(f"| messages per site, whole run | {before['messages_per_site']:g} | {after['messages_per_site']:g} "
                  f"| {after['messages_per_site'] / before['messages_per_site']:.2f} |")
+    baseline = deployment.get("baseline")
+    if baseline is None:
+        return lines + [""]
+    commit = deployment.get("baseline_commit", "?")
+    lines += ["", f"Against the code as issue 16 found it (commit {commit}, run from its own files in the same run: "
+              "weights tensor by tensor, two messages a round, Flower's polls). It records no site timestamps, so "
+              "every column here takes the slowest site's compute from the sites' own `compute-s` metrics "
+              "(train + evaluate); means a round, seconds.", "",
+              f"| figure | baseline {commit} | before | after | after / baseline |", "|---|---|---|---|---|"]
+    for figure, value in after["from_metrics"].items():
+        old = baseline["from_metrics"][figure]
+        lines.append(f"| {figure} | {old:.2f} | {before['from_metrics'][figure]:.2f} | {value:.2f} "
+                     f"| {value / old if old else float('nan'):.2f} |")
+    lines.append(f"| messages per site, whole run | {baseline['messages_per_site']:g} | "
+                 f"{before['messages_per_site']:g} | {after['messages_per_site']:g} "
+                 f"| {after['messages_per_site'] / baseline['messages_per_site']:.2f} |")
     return lines + [""]
 
 

@@ -70,10 +70,11 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def launch(args: list, env: dict, log: Path) -> subprocess.Popen:
+def launch(args: list, env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """``crosssim ARGS`` in its own session, output to ``log``; from ``cwd`` (whose ``crosssim`` it then runs)."""
     with open(log, "w") as handle:
         return subprocess.Popen([*CLI, *map(str, args)], env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
 
 
 def stop(process: subprocess.Popen) -> None:
