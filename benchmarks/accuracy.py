@@ -180,7 +180,7 @@ def code_fingerprint(repo: Path = REPO_ROOT) -> str:
 
 
 # What a benchmark run writes itself: its changes do not make the working tree "dirty".
-RESULT_PATHS = ("benchmarks/results", "benchmarks/RESULTS.md")
+RESULT_PATHS = ("benchmarks/results", "benchmarks/RESULTS.md", "benchmarks/figures")  # figures: benchmarks/plots.py
 
 
 def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
@@ -396,6 +396,12 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Stat]]]:
             if per_seed:
                 out[method][adapt] = {f: mean_std(row.get(f) for row in per_seed) for f in FIGURES + ESTIMATE_FIGURES}
     return out
+
+
+def suite_label(doc: Mapping[str, Any]) -> str:
+    """A results document's suite, with its protocol unless it is the quick one (or unrecorded)."""
+    protocol = doc.get("protocol", {}).get("name")
+    return doc.get("suite", "?") + ("" if protocol in ("quick", None) else f" ({protocol})")
 
 
 def format_stat(stat: Stat | None, digits: int = 3) -> str:

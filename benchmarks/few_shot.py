@@ -93,14 +93,22 @@ def few_shot_table(doc: Mapping[str, Any]) -> str:
     """Markdown: per method and k, few-shot and label-free accuracy, mean ± std over seeds."""
     lines = ["| suite | method | k per class | seeds | few-shot accuracy | label-free (auto) accuracy |",
              "|---|---|---|---|---|---|"]
-    methods = sorted({m for by_method in doc["runs"].values() for m in by_method})
-    for method in methods:
+    for method in few_shot_methods(doc):
         for k in doc["shots"]:
-            rows = [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
-            few = [r["few_shot_accuracy"] for r in rows]
-            free = [r["label_free_accuracy"] for r in rows]
-            lines.append(f"| {doc['suite']} | {method} | {k} | {len(rows)} | {_stat(few)} | {_stat(free)} |")
+            few, free = few_shot_values(doc, method, k)
+            lines.append(f"| {doc['suite']} | {method} | {k} | {len(few)} | {_stat(few)} | {_stat(free)} |")
     return "\n".join(lines)
+
+
+def few_shot_methods(doc: Mapping[str, Any]) -> list[str]:
+    """The methods of a few-shot results document, sorted."""
+    return sorted({m for by_method in doc["runs"].values() for m in by_method})
+
+
+def few_shot_values(doc: Mapping[str, Any], method: str, k: int) -> tuple[list[float], list[float]]:
+    """Few-shot and label-free accuracy of ``method`` with ``k`` shots per class, one of each per seed."""
+    rows = [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
+    return [r["few_shot_accuracy"] for r in rows], [r["label_free_accuracy"] for r in rows]
 
 
 def _stat(values: Sequence[float]) -> str:

@@ -4,7 +4,7 @@
    (``--resume``: keep what an interrupted run of the same code already saved);
 2. ``benchmarks/perf.py``, then ``benchmarks/load.py``;
 3. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
-   commit, machine and the exact commands.
+   commit, machine and the exact commands, and the figures of ``benchmarks/plots.py`` (benchmarks/figures/).
 
     .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--full] [--work DIR] [--resume] [--report-only]
 """
@@ -29,8 +29,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy
 
 from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, ESTIMATE_FIGURES, FIGURE_LABELS,  # noqa: E402
                                  FIGURES, METHOD_LABELS, METHODS, RESULTS_DIR, SUITES, format_stat, git_commit,
-                                 paired_difference, suite_table, summarize)
+                                 paired_difference, suite_label, suite_table, summarize)
 from benchmarks.few_shot import few_shot_table  # noqa: E402
+from benchmarks.plots import ACCURACY_PLOT, ESTIMATE_BAND, ESTIMATE_PLOT, FEW_SHOT_PLOT, write_plots  # noqa: E402
 from benchmarks.serve import serve_lines  # noqa: E402
 from benchmarks.loso_sweep import sweep_table  # noqa: E402
 
@@ -100,8 +101,7 @@ def _suite_command(doc: Mapping[str, Any]) -> str:
 
 def overview_table(docs: Sequence[Mapping[str, Any]], figure: str, adapt: str) -> str:
     """Methods × suites, one figure at one adaptation, mean ± std over seeds."""
-    summaries = [(d.get("suite", "?") + ("" if d.get("protocol", {}).get("name") == "quick" else
-                                          f" ({d['protocol'].get('name')})"), summarize(d)) for d in docs]
+    summaries = [(suite_label(d), summarize(d)) for d in docs]
     lines = ["| method | " + " | ".join(name for name, _ in summaries) + " |",
              "|---|" + "---|" * len(summaries)]
     for method in METHODS:
@@ -228,8 +228,9 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
                       perf: Mapping[str, Any] | None = None, loso_docs: Sequence[Mapping[str, Any]] = (),
                       few_shot_docs: Sequence[Mapping[str, Any]] = (), serve: Mapping[str, Any] | None = None,
                       other_files: Sequence[str] = (), generated: str | None = None,
-                      commit: Mapping[str, Any] | None = None) -> str:
-    """The whole RESULTS.md as text (a pure function of the results, for tests)."""
+                      commit: Mapping[str, Any] | None = None, plots: Sequence[str] = ()) -> str:
+    """The whole RESULTS.md as text (a pure function of the results, for tests); ``plots``: the figures written
+    beside it (``benchmarks.plots.write_plots``), each shown in its section."""
     generated = generated or datetime.now(timezone.utc).isoformat(timespec="seconds")
     commit = commit if commit is not None else git_commit()
     head = (commit.get("commit") or "unknown")[:12] + (" (dirty)" if commit.get("dirty") else "")
@@ -250,11 +251,17 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
             "`crosssim evaluate --adapt adabn|tent|crosssim|auto`.", ""]
     if not docs:
         out += ["No accuracy results yet: run `python benchmarks/accuracy.py`.", ""]
+    out += _image(plots, ACCURACY_PLOT, "target accuracy per suite and method, plain and AdaBN")
     for figure in FIGURES:
         for adapt in ADAPTS:
             if adapt != "none" and figure != "accuracy":
                 continue  # the overview keeps adaptation for accuracy only; per-suite tables have all
             out += [f"### {FIGURE_LABELS[figure]}, {ADAPT_LABELS[adapt]}", "", overview_table(docs, figure, adapt), ""]
+    if ESTIMATE_PLOT in plots:
+        out += ["### Label-free ATC estimate vs true accuracy", "",
+                "One point per suite, method, adaptation and seed; the grey band is "
+                f"±{ESTIMATE_BAND:g} around estimate = truth.",
+                "", *_image(plots, ESTIMATE_PLOT, "label-free ATC estimate vs true target accuracy")]
     out += ["### CrossSim − FedAvg, paired by seed", "",
             "Target accuracy of `crosssim` minus `fedavg` on the same seed (same sites and splits): mean ± std "
             "over seeds, seeds won / lost, and the two-sided exact sign-test p-value (with 3 seeds it cannot "
@@ -306,10 +313,17 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
     if few_shot_docs:
         out += ["## Few-shot adaptation at the target (`benchmarks/few_shot.py`, not part of `make bench`)", "",
                 "k labeled target images per class (drawn per seed); few-shot and label-free `auto` accuracy on "
-                "the other target images, side by side.", "", *[few_shot_table(doc) for doc in few_shot_docs], ""]
+                "the other target images, side by side.", "",
+                *_image(plots, FEW_SHOT_PLOT, "few-shot accuracy vs shots per class"),
+                *[few_shot_table(doc) for doc in few_shot_docs], ""]
     if other_files:
         out += ["## Other results", "", *[f"- `benchmarks/results/{name}`" for name in other_files], ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _image(plots: Sequence[str], name: str, alt: str) -> list[str]:
+    """A Markdown image of the figure ``name`` when it is among ``plots``, else nothing."""
+    return [f"![{alt}]({name})", ""] if name in plots else []
 
 
 def _cpu_count() -> int | None:
@@ -327,7 +341,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **kwargs: Any) -> Path:
-    """Regenerate RESULTS.md from the JSON files in ``results_dir`` (callable alone: ``--report-only``)."""
+    """Regenerate RESULTS.md and its figures (``out``'s folder/figures/) from the JSON files in ``results_dir``
+    (callable alone: ``--report-only``)."""
     results_dir = Path(results_dir)
     docs = load_accuracy_docs(results_dir)
     load, perf = _read_json(results_dir / "load.json"), _read_json(results_dir / "perf.json")
@@ -338,8 +353,9 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
              | {p.name for p in results_dir.glob(LOSO_GLOB)}
              | {p.name for p in results_dir.glob(FEW_SHOT_GLOB)})
     others = sorted(p.name for p in results_dir.glob("*.json") if p.name not in known)
+    plots = write_plots(docs, few_shot_docs, Path(out).parent)
     text = render_results_md(docs, load=load, perf=perf, loso_docs=loso_docs, few_shot_docs=few_shot_docs,
-                             serve=serve, other_files=others, **kwargs)
+                             serve=serve, other_files=others, plots=plots, **kwargs)
     Path(out).write_text(text)
     return Path(out)
 
@@ -368,7 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="accuracy.py work folder (default: its own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run (accuracy.py --resume: same code, same protocol)")
-    parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md from the JSON")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only regenerate RESULTS.md and its figures from the JSON")
     return parser.parse_args(argv)
 
 
