@@ -6,6 +6,7 @@ DICOM files, one request at a time:
 
 - ``pytorch``: in-process, the baseline: DICOM bytes → ``read_image`` → CrossSimNet forward (batch 1);
 - ``onnx-float`` / ``onnx-int8``: in-process ONNX Runtime (``crosssim.served_model``), same preprocessing;
+- the same three ``(model only)``: already preprocessed images, so the model's own share (what int8 can speed up);
 - ``http-float`` / ``http-int8``: ``crosssim serve`` subprocesses over loopback, raw application/dicom bodies
   on one keep-alive connection.
 
@@ -54,10 +55,12 @@ SERVER_START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 SEARCH_FROM_PORT = 18800
 MS_PER_S = 1000.0
+MODEL_ONLY = " (model only)"  # row suffix: preprocessed images in, no DICOM parsing; compared with PyTorch's alike
 
 
-def timed(call: Callable[[bytes], Any], bodies: Sequence[bytes], requests: int) -> dict[str, float]:
-    """Requests/s and p50/p95 latency (ms) of ``call`` over ``requests`` bodies, cycling, after a warm-up."""
+def timed(call: Callable[[Any], Any], bodies: Sequence[Any], requests: int) -> dict[str, float]:
+    """Requests/s and p50/p95 latency (ms) of ``call`` over ``requests`` bodies (DICOM bytes or preprocessed
+    images), cycling, after a warm-up."""
     for i in range(WARMUP_REQUESTS):
         call(bodies[i % len(bodies)])
     latencies = []
@@ -72,13 +75,14 @@ def timed(call: Callable[[bytes], Any], bodies: Sequence[bytes], requests: int) 
             "p95_ms": quantiles[94] * MS_PER_S}
 
 
-def pytorch_call(checkpoint: Path) -> Callable[[bytes], Any]:
+def pytorch_call(checkpoint: Path, preprocessed: bool = False) -> Callable[[Any], Any]:
+    """DICOM bytes (or, ``preprocessed``, an image (1, 1, S, S)) → class probabilities by in-process PyTorch."""
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model().eval()
 
     @torch.no_grad()
-    def call(body: bytes) -> Any:
-        image = torch.from_numpy(read_image(body, ckpt.config.data, name="request"))[None]
+    def call(body: Any) -> Any:
+        image = torch.from_numpy(body if preprocessed else read_image(body, ckpt.config.data, name="request")[None])
         logits, _ = model(image)
         return torch.softmax(logits, 1)
 
@@ -129,7 +133,7 @@ def serve_lines(doc: dict[str, Any]) -> list[str]:
     """A serve.json document as text: the settings line, one table row per variant against in-process PyTorch,
     the accuracy line (printed by this script and shown in RESULTS.md)."""
     settings, rows, accuracy = doc.get("settings", {}), doc.get("rows", {}), doc.get("accuracy", {})
-    base, load = rows["pytorch"], doc.get("load_average")
+    load = doc.get("load_average")
     lines = [f"{settings.get('requests')} sequential requests per variant, target DICOM files of "
              f"{settings.get('image_size')} px, {settings.get('threads')} thread(s), "
              f"{doc.get('environment', {}).get('cpu_count')} CPUs, load average "
@@ -137,9 +141,18 @@ def serve_lines(doc: dict[str, Any]) -> list[str]:
              "| variant | requests/s | p50 ms | p95 ms | req/s vs pytorch | p50 vs pytorch | p95 vs pytorch |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
+        base = rows.get(f"pytorch{MODEL_ONLY}", rows["pytorch"]) if name.endswith(MODEL_ONLY) else rows["pytorch"]
         lines.append(f"| {name} | {row['requests_per_s']:.1f} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
                      f"{row['requests_per_s'] / base['requests_per_s']:.2f}× | {row['p50_ms'] / base['p50_ms']:.2f}× | "
                      f"{row['p95_ms'] / base['p95_ms']:.2f}× |")
+    speeds = [f"{label} {rows[f'onnx-float{suffix}']['p50_ms'] / rows[f'onnx-int8{suffix}']['p50_ms']:.2f}×"
+              for label, suffix in (("model only", MODEL_ONLY), ("whole request in process", ""))
+              if f"onnx-int8{suffix}" in rows and f"onnx-float{suffix}" in rows]
+    if speeds:
+        int8 = doc.get("int8", {})
+        layers = (f"{', '.join(int8['float_nodes']) or 'no layer'} kept in float, calibration agreement "
+                  f"{int8['calibration_agreement']:.3f}; " if int8 else "")
+        lines += ["", f"int8 ({layers}speed-up over float ONNX, p50 latency): {'; '.join(speeds)} (goal ≥ 1.5×)."]
     if accuracy:
         change = accuracy['onnx_int8'] - accuracy['onnx_float']
         lines += ["", f"Accuracy on the labeled target ({accuracy['images']} images): pytorch "
@@ -169,20 +182,25 @@ def main() -> None:
         print(f"training a pooled model on {len(hospitals.source_sites)} synthetic sites ...", flush=True)
         checkpoint = train_pooled(hospitals.source_sites, cfg, work / "run", cache_dir=cache, progress=None)
         folder = work / "serve"
-        export_model(checkpoint, folder, quantize="int8", data_dir=hospitals.target_site, cache_dir=cache,
-                     progress=None)
+        manifest = export_model(checkpoint, folder, quantize="int8", data_dir=hospitals.target_site,
+                                cache_dir=cache, progress=None)
         bodies = [p.read_bytes() for p in iter_candidate_files(hospitals.target_site)]
         rows: dict[str, dict[str, float]] = {}
         rows["pytorch"] = timed(pytorch_call(checkpoint), bodies, args.requests)
-        for int8 in (False, True):
-            model = ServedModel(folder, int8=int8, threads=args.threads)
-            rows["onnx-int8" if int8 else "onnx-float"] = timed(onnx_call(model), bodies, args.requests)
+        models = {name: ServedModel(folder, int8=name == "int8", threads=args.threads) for name in ("float", "int8")}
+        for name, model in models.items():
+            rows[f"onnx-{name}"] = timed(onnx_call(model), bodies, args.requests)
+        images = [models["float"].preprocess(body, "request")[None] for body in bodies]  # the model's share alone
+        rows[f"pytorch{MODEL_ONLY}"] = timed(pytorch_call(checkpoint, preprocessed=True), images, args.requests)
+        for name, model in models.items():
+            rows[f"onnx-{name}{MODEL_ONLY}"] = timed(model.run, images, args.requests)
         for int8 in (False, True):
             name = "http-int8" if int8 else "http-float"
             print(f"timing {name} ...", flush=True)
             rows[name] = http_variant(folder, int8, args.threads, bodies, args.requests)
         accuracy = accuracies(checkpoint, folder, hospitals.target_site, hospitals.target_labels, cache)
-    doc = {"environment": environment(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows,
+    int8 = {k: v for k, v in manifest.models["int8"].items() if k in ("float_nodes", "calibration_agreement")}
+    doc = {"environment": environment(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows, "int8": int8,
            "accuracy": accuracy, "load_average": os.getloadavg()[0]}
     print("\n" + "\n".join(serve_lines(doc)))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from crosssim.cli import main as crosssim_main
 from crosssim.data.files import iter_candidate_files
 from crosssim.data.sites import load_site
 from crosssim.evaluate import evaluate_site
+from crosssim import export
 from crosssim.export import MANIFEST_FILENAME, export_model, sha256_of
 from crosssim.processes import first_free_port, stop_group, wait_for_port
 from crosssim.served_model import ServedModel, softmax
@@ -78,6 +79,20 @@ def test_manifest_records_the_checkpoint_and_the_alarm_references(exported, eval
     assert set(manifest["models"]) == {"float32", "int8"} and manifest["adaptation"] == {"method": "none"}
     for entry in manifest["models"].values():
         assert sha256_of(exported.folder / entry["file"]) == entry["sha256"]
+
+
+def test_int8_quantizes_every_layer_unless_that_loses_agreement_with_float(exported, eval_tiny_run, monkeypatch):
+    entry = json.loads((exported.folder / MANIFEST_FILENAME).read_text())["models"]["int8"]
+    kept_when_needed = entry["float_nodes"] == [] or entry["calibration_agreement"] < export.INT8_MIN_AGREEMENT
+    assert kept_when_needed and 0.0 <= entry["calibration_agreement"] <= 1.0
+    ckpt = load_checkpoint(eval_tiny_run.checkpoint)
+    float_model = export.onnx_bytes(ckpt.build_model(), ckpt.config.data.image_size)
+    images = site_images(eval_tiny_run, eval_tiny_run.target_dir).numpy()
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 0.0)  # any agreement will do: every layer in int8
+    assert export.quantize_int8(float_model, images).float_nodes == []
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # none will do: the fragile layers stay float
+    fallback = export.quantize_int8(float_model, images)
+    assert fallback.float_nodes == export.float_kept_nodes(float_model) and len(fallback.float_nodes) == 2
 
 
 def test_onnx_runtime_equals_pytorch(exported, eval_tiny_run):
