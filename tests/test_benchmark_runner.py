@@ -269,3 +269,13 @@ def test_paired_difference_pairs_by_seed_with_an_exact_sign_test() -> None:
     assert paired.sign_test_p == pytest.approx(1.0)  # 2 vs 1: as even as 3 coins get
     assert acc.sign_test_p(5, 0) == pytest.approx(2 / 32)
     assert acc.paired_difference({"runs": runs}, "crosssim", "fedavg", "adabn") is None
+
+
+def test_oracle_table_counts_its_target_labels_and_sets_every_method_on_the_same_heldout_half() -> None:
+    def seed(oracle: float, fedavg: float) -> dict:
+        return {"oracle": {"figures": {"none": {"n_images": 60, "accuracy": oracle}}},
+                "fedavg": {"figures": {"none": {"n_images": 120, "accuracy": 0.9, "heldout_accuracy": fedavg}}}}
+    doc = {"suite": "synthetic", "runs": {"0": seed(0.4, 0.5), "1": seed(0.6, 0.7)}}
+    lines = run_all.oracle_table([doc, {"suite": "no-oracle", "runs": {"0": {}}}]).splitlines()
+    assert lines[2] == "| synthetic | 60 | 0.500 ± 0.141 | – | 0.600 ± 0.141 | – |"
+    assert len(lines) == 3  # a suite without an oracle run has no row
