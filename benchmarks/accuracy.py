@@ -61,7 +61,7 @@ from crosssim.data.sites import read_labels_csv  # noqa: E402
 
 # ---------------------------------------------------------------- protocol (units in the names)
 
-# quick: `make bench`, all 5 suites × 3 seeds within 60 minutes on 2 CPU cores (measured: see benchmarks/README.md).
+# quick: `make bench`, all 5 suites × 3 seeds (run_all.py prints the expected duration; see benchmarks/README.md).
 # Every method passes over each source image the same number of times: rounds × local epochs = epochs.
 QUICK_ROUNDS = 5
 QUICK_LOCAL_EPOCHS = 2

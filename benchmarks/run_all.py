@@ -28,8 +28,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, ESTIMATE_FIGURES, FIGURE_LABELS,  # noqa: E402
-                                 FIGURES, METHOD_LABELS, METHODS, RESULTS_DIR, SUITES, format_stat, git_commit,
-                                 mean_std, paired_difference, suite_label, suite_table, summarize)
+                                 FIGURES, FULL, METHOD_LABELS, METHODS, QUICK, RESULTS_DIR, SUITES, format_stat,
+                                 git_commit, load_results, mean_std, paired_difference, results_path, suite_label,
+                                 suite_table, summarize)
 from benchmarks.few_shot import few_shot_table  # noqa: E402
 from benchmarks.plots import ACCURACY_PLOT, ESTIMATE_BAND, ESTIMATE_PLOT, FEW_SHOT_PLOT, write_plots  # noqa: E402
 from benchmarks.serve import serve_lines  # noqa: E402
@@ -40,6 +41,10 @@ ACCURACY_GLOB = "accuracy-*.json"
 LOSO_GLOB = "loso-*.json"  # benchmarks/loso_sweep.py
 FEW_SHOT_GLOB = "few-shot-*.json"  # benchmarks/few_shot.py
 BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
+FULL_SUITES = ("synthetic-hard", "digits")  # --full: the longer protocol, once (one seed unless --seeds is given)
+# Durations of the other scripts for the estimate, as measured on 2 CPU cores (their JSON holds no total).
+SCRIPT_SECONDS = {"quick": {"perf.py": 11 * 60, "load.py": 60, "serve.py": 70},
+                  "full": {"perf.py": 30 * 60, "load.py": 60, "serve.py": 70}}
 EXAMPLE_SEED = "0"  # RESULTS.md lists the crosssim command lines of this seed (other seeds differ in --seed only)
 
 
@@ -393,9 +398,9 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
 def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[list[str]]:
     """The command lines of every benchmark script, in the order they run."""
     size = "--full" if args.full else "--quick"
-    accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(args.seeds), "--jobs", str(args.jobs)]
+    accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(bench_seeds(args)), "--jobs", str(args.jobs)]
     if args.full:
-        accuracy.append(size)
+        accuracy += [size, "--suites", *FULL_SUITES]
     if args.work is not None:
         accuracy += ["--work", str(args.work)]
     if args.resume:
@@ -404,13 +409,49 @@ def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[
             [python, str(BENCH_DIR / "serve.py")]]
 
 
+def bench_seeds(args: argparse.Namespace) -> int:
+    """Seeds of the accuracy step: --seeds, else 3 (quick) or 1 (--full, run once)."""
+    return args.seeds if args.seeds is not None else (1 if args.full else DEFAULT_SEEDS)
+
+
+def estimate_seconds(args: argparse.Namespace, results_dir: Path = RESULTS_DIR) -> dict[str, float | None]:
+    """Expected seconds of each step of ``make bench``: the accuracy runs from the durations the results JSON
+    recorded for each (suite, method) under this protocol (a pair never run: that method's mean over suites, else
+    every run's mean), times the seeds, spread over the jobs; the other scripts as measured (``SCRIPT_SECONDS``).
+    None: nothing recorded for this protocol."""
+    protocol = FULL if args.full else QUICK
+    suites = FULL_SUITES if args.full else SUITES
+    recorded: dict[tuple[str, str], list[float]] = {}
+    for suite in suites:
+        for runs in load_results(results_path(suite, protocol, results_dir), suite, protocol)["runs"].values():
+            for method, run in runs.items():
+                if isinstance(run.get("seconds"), (int, float)):
+                    recorded.setdefault((suite, method), []).append(float(run["seconds"]))
+    every_run = [t for times in recorded.values() for t in times]
+    if not every_run:
+        return {"accuracy.py": None, **SCRIPT_SECONDS[protocol.name]}
+    per_method = {m: [t for (_, method), times in recorded.items() if method == m for t in times] for m in METHODS}
+    pairs = [recorded.get((suite, m)) or per_method[m] or every_run for suite in suites for m in METHODS]
+    total = sum(sum(times) / len(times) for times in pairs)
+    return {"accuracy.py": total * bench_seeds(args) / max(args.jobs, 1), **SCRIPT_SECONDS[protocol.name]}
+
+
+def estimate_line(estimates: Mapping[str, float | None]) -> str:
+    """One line: the whole expected duration and each step's share."""
+    parts = [f"{name} {'?' if sec is None else f'{sec / 60:.0f} min'}" for name, sec in estimates.items()]
+    known = [sec for sec in estimates.values() if sec is not None]
+    whole = "unknown (no recorded accuracy runs of this protocol)" if len(known) < len(estimates) else \
+        f"about {sum(known) / 60:.0f} min"
+    return f"make bench: {whole} ({', '.join(parts)}; from the durations in benchmarks/results/)"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="accuracy seeds (default 3)")
+    parser.add_argument("--seeds", type=int, help="accuracy seeds (default 3; with --full 1)")
     parser.add_argument("--jobs", type=int, default=BENCH_JOBS, help=f"parallel accuracy tasks (default {BENCH_JOBS})")
     parser.add_argument("--full", action="store_true",
-                        help="the larger protocol: full-size sites, 10 rounds (accuracy.py --full, perf.py --full); "
-                             "far longer than the quick one (not timed on 2 CPU cores)")
+                        help="the larger protocol, once: full-size sites, more rounds and epochs, on "
+                             f"{' and '.join(FULL_SUITES)} (accuracy.py --full), and perf.py --full")
     parser.add_argument("--work", type=Path, help="accuracy.py work folder (default: its own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run (accuracy.py --resume: same code, same protocol)")
@@ -422,6 +463,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    if not args.report_only:
+        print(estimate_line(estimate_seconds(args)), flush=True)
     failed = 0 if args.report_only else sum(run_step(step) != 0 for step in bench_steps(args))
     path = write_results_md()
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s in all)", flush=True)

@@ -254,9 +254,31 @@ def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
     quick = run_all.bench_steps(run_all.parse_args([]), python="py")
     assert [Path(step[1]).name for step in quick] == ["accuracy.py", "perf.py", "load.py", "serve.py"]
     assert "--full" not in quick[0] and "--resume" not in quick[0] and quick[1][2] == "--quick"
+    assert quick[0][2:4] == ["--seeds", str(acc.DEFAULT_SEEDS)]
     full = run_all.bench_steps(run_all.parse_args(["--full", "--resume", "--seeds", "2"]), python="py")
-    assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--resume"]
+    assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--suites",
+                           *run_all.FULL_SUITES, "--resume"]
     assert full[1][2] == "--full"
+    once = run_all.bench_steps(run_all.parse_args(["--full"]), python="py")
+    assert once[0][2:4] == ["--seeds", "1"]  # the longer protocol runs once unless --seeds says otherwise
+
+
+def test_the_estimate_comes_from_recorded_durations_per_suite_and_method(tmp_path: Path) -> None:
+    def record(seconds_by_method: dict) -> dict:
+        return {m: {"seconds": sec} for m, sec in seconds_by_method.items()}
+    fast = {m: 10.0 for m in acc.METHODS}
+    for suite in acc.SUITES:
+        doc = acc.empty_results(suite, acc.QUICK)
+        doc["runs"] = {"0": record({**fast, "fedavg": 40.0}), "1": record({**fast, "fedavg": 20.0})}
+        acc.save_results(doc, acc.results_path(suite, acc.QUICK, tmp_path))
+    args = run_all.parse_args(["--seeds", "3", "--jobs", "2"])
+    estimate = run_all.estimate_seconds(args, tmp_path)
+    per_suite = 10.0 * (len(acc.METHODS) - 1) + 30.0  # fedavg: the mean of its two recorded runs
+    assert estimate["accuracy.py"] == pytest.approx(per_suite * len(acc.SUITES) * 3 / 2)
+    assert estimate["perf.py"] == run_all.SCRIPT_SECONDS["quick"]["perf.py"]
+    assert run_all.estimate_line(estimate).startswith(f"make bench: about {sum(estimate.values()) / 60:.0f} min")
+    unknown = run_all.estimate_seconds(run_all.parse_args(["--full"]), tmp_path)  # no full-protocol runs recorded
+    assert unknown["accuracy.py"] is None and "unknown" in run_all.estimate_line(unknown)
 
 
 def test_paired_difference_pairs_by_seed_with_an_exact_sign_test() -> None:
