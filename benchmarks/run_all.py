@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ ACCURACY_GLOB = "accuracy-*.json"
 LOSO_GLOB = "loso-*.json"  # benchmarks/loso_sweep.py
 FEW_SHOT_GLOB = "few-shot-*.json"  # benchmarks/few_shot.py
 BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
+OVERHEAD = "overhead (wall − slowest compute)"  # perf.py step 4's figure of the issue-16 goal
 FULL_SUITES = ("synthetic-hard", "digits")  # --full: the longer protocol, once (one seed unless --seeds is given)
 # Durations of the other scripts for the estimate, as measured on 2 CPU cores (their JSON holds no total).
 SCRIPT_SECONDS = {"quick": {"perf.py": 11 * 60, "load.py": 60, "serve.py": 70},
@@ -246,6 +248,10 @@ def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
         old = baseline["from_metrics"][figure]
         lines.append(f"| {figure} | {old:.2f} | {before['from_metrics'][figure]:.2f} | {value:.2f} "
                      f"| {value / old if old else float('nan'):.2f} |")
+    means = [statistics.mean(r["from_metrics"][OVERHEAD] for r in run.get("repeats", [run]))
+             for run in (baseline, before, after)]
+    lines.append(f"| {OVERHEAD}, mean of every run | {means[0]:.2f} | {means[1]:.2f} | {means[2]:.2f} "
+                 f"| {means[2] / means[0] if means[0] else float('nan'):.2f} |")
     lines.append(f"| messages per site, whole run | {baseline['messages_per_site']:g} | "
                  f"{before['messages_per_site']:g} | {after['messages_per_site']:g} "
                  f"| {after['messages_per_site'] / baseline['messages_per_site']:.2f} |")

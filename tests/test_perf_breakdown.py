@@ -58,3 +58,7 @@ def test_the_results_table_sets_after_against_the_baseline_commit():
     lines = deployment_table({"before": run, "after": after, "baseline": baseline, "baseline_commit": "abc1234"})
     assert "| overhead (wall − slowest compute) | 32.00 | 16.00 | 4.00 | 0.12 |" in lines
     assert "| messages per site, whole run | 4 | 2 | 1 | 0.25 |" in lines
+    assert "| overhead (wall − slowest compute), mean of every run | 32.00 | 16.00 | 4.00 | 0.12 |" in lines
+    baseline["repeats"] = [baseline, {"from_metrics": {"overhead (wall − slowest compute)": 16.0}}]
+    lines = deployment_table({"before": run, "after": after, "baseline": baseline, "baseline_commit": "abc1234"})
+    assert "| overhead (wall − slowest compute), mean of every run | 24.00 | 16.00 | 4.00 | 0.17 |" in lines
