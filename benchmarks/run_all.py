@@ -33,6 +33,7 @@ from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, ESTIMATE_F
                                  git_commit, load_results, mean_std, paired_difference, results_path, suite_label,
                                  suite_table, summarize)
 from benchmarks.few_shot import few_shot_table  # noqa: E402
+from benchmarks.perf import OVERHEAD  # noqa: E402
 from benchmarks.plots import ACCURACY_PLOT, ESTIMATE_BAND, ESTIMATE_PLOT, FEW_SHOT_PLOT, write_plots  # noqa: E402
 from benchmarks.serve import serve_lines  # noqa: E402
 from benchmarks.loso_sweep import sweep_table  # noqa: E402
@@ -42,7 +43,6 @@ ACCURACY_GLOB = "accuracy-*.json"
 LOSO_GLOB = "loso-*.json"  # benchmarks/loso_sweep.py
 FEW_SHOT_GLOB = "few-shot-*.json"  # benchmarks/few_shot.py
 BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
-OVERHEAD = "overhead (wall − slowest compute)"  # perf.py step 4's figure of the issue-16 goal
 FULL_SUITES = ("synthetic-hard", "digits")  # --full: the longer protocol, once (one seed unless --seeds is given)
 # Durations of the other scripts for the estimate, as measured on 2 CPU cores (their JSON holds no total).
 SCRIPT_SECONDS = {"quick": {"perf.py": 11 * 60, "load.py": 60, "serve.py": 70},

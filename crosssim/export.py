@@ -15,7 +15,7 @@ import io
 import json
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,11 @@ def float_kept_nodes(model: bytes) -> list[str]:
     return first_conv + head
 
 
+def _batches(images: np.ndarray) -> Iterator[np.ndarray]:
+    """``images`` in batches of ``CALIBRATION_BATCH_SIZE``."""
+    return (images[start:start + CALIBRATION_BATCH_SIZE] for start in range(0, len(images), CALIBRATION_BATCH_SIZE))
+
+
 def _quantized(float_path: Path, target: Path, images: np.ndarray, float_nodes: list[str]) -> bytes:
     """Static post-training int8 (QDQ; uint8 activations and per-channel int8 weights, ONNX Runtime's choice for
     x86 CPUs), calibrated on ``images`` (N, 1, S, S), with ``float_nodes`` left in float."""
@@ -147,8 +152,7 @@ def _quantized(float_path: Path, target: Path, images: np.ndarray, float_nodes: 
         """The calibration site's preprocessed images in batches; labels never enter."""
 
         def __init__(self) -> None:
-            self.batches = (images[start:start + CALIBRATION_BATCH_SIZE]
-                            for start in range(0, len(images), CALIBRATION_BATCH_SIZE))
+            self.batches = _batches(images)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -163,8 +167,7 @@ def _logits(model: bytes, images: np.ndarray) -> np.ndarray:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images[start:start + CALIBRATION_BATCH_SIZE]})[0]
-                           for start in range(0, len(images), CALIBRATION_BATCH_SIZE)])
+    return np.concatenate([session.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})[0] for batch in _batches(images)])
 
 
 @dataclass(frozen=True)
@@ -181,16 +184,17 @@ def quantize_int8(float_model: bytes, images: np.ndarray) -> Int8Model:
     images = images.astype(np.float32)
     reference = _logits(float_model, images)
     with tempfile.TemporaryDirectory(prefix="crosssim-quantize-") as tmp:
-        source = Path(tmp) / FLOAT_MODEL_FILENAME
+        source, target = Path(tmp) / FLOAT_MODEL_FILENAME, Path(tmp) / INT8_MODEL_FILENAME
         source.write_bytes(float_model)
-        target, float_nodes = Path(tmp) / INT8_MODEL_FILENAME, []
-        model = _quantized(source, target, images, float_nodes)
-        agreement = top1_agreement(_logits(model, images), reference)
-        if agreement < INT8_MIN_AGREEMENT:
-            float_nodes = float_kept_nodes(float_model)
+
+        def attempt(float_nodes: list[str]) -> Int8Model:
             model = _quantized(source, target, images, float_nodes)
-            agreement = top1_agreement(_logits(model, images), reference)
-    return Int8Model(model, float_nodes, agreement)
+            return Int8Model(model, float_nodes, top1_agreement(_logits(model, images), reference))
+
+        every_layer = attempt([])
+        if every_layer.calibration_agreement >= INT8_MIN_AGREEMENT:
+            return every_layer
+        return attempt(float_kept_nodes(float_model))
 
 
 def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, adapt: str = "none",

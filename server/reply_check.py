@@ -1,10 +1,11 @@
 """Each site's train reply is checked before aggregation: a bad update is rejected with a reason, never averaged.
 
-A reply is rejected when its weights do not have exactly the global model's shared keys, shapes and kinds
-(floating point vs integer) or any non-finite value, when its prototypes or style entry do not parse (their
-readers, ``prototypes_from_arrays`` and ``StyleEntry.from_arrays``, check shapes and finiteness), or when its
-update norm ‖w_site − w_global‖ exceeds ``max-update-norm-ratio`` × the median over the round's replies (only with at
-least ``MIN_REPLIES_FOR_NORM_CHECK`` replies: a median of one or two says nothing).
+A reply is rejected when its packed weights do not fit the global model's shared tensors
+(``crosssim.wire.from_wire`` refuses them by name, size and kind) or hold any non-finite value, when its
+prototypes or style entry do not parse (their readers, ``prototypes_from_arrays`` and ``StyleEntry.from_arrays``,
+check shapes and finiteness), or when its update norm ‖w_site − w_global‖ exceeds ``max-update-norm-ratio`` × the
+median over the round's replies (only with at least ``MIN_REPLIES_FOR_NORM_CHECK`` replies: a median of one or two
+says nothing).
 """
 
 from __future__ import annotations
@@ -18,17 +19,9 @@ import torch
 MIN_REPLIES_FOR_NORM_CHECK = 3
 
 
-def state_problem(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
-    """Why ``state`` cannot be averaged into a model with tensors like ``expected``; None when it can."""
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or extra:
-        return f"weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
-    for key, reference in expected.items():
-        value = state[key]
-        if tuple(value.shape) != tuple(reference.shape):
-            return f"{key} has shape {tuple(value.shape)}, the model's is {tuple(reference.shape)}"
-        if value.is_floating_point() != reference.is_floating_point():
-            return f"{key} is {value.dtype}, the model's is {reference.dtype}"
+def state_problem(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why unpacked weights (``from_wire`` checked keys, shapes and kinds) cannot be averaged; None when they can."""
+    for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"{key} holds non-finite values"
     return None

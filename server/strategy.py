@@ -275,7 +275,7 @@ class CrossSimStrategy(FedAvg):
         if ARRAYS_RECORD not in msg.content:
             return msg, None, style
         state = from_wire(msg.content[ARRAYS_RECORD].to_torch_state_dict(), expected)  # ValueError if it won't fit
-        problem = state_problem(state, expected)
+        problem = state_problem(state)
         if problem:
             raise ValueError(problem)
         protos = prototypes_from_arrays(msg.content[PROTOTYPES_RECORD].to_torch_state_dict(), len(self.classes),
