@@ -290,7 +290,6 @@ def test_compose_run_flows_from_server_to_target_to_serve() -> None:
     """The server's final.pt is the target's checkpoint and export's input; export's folder is what serve reads."""
     (server,) = services_running("server").values()
     (evaluate,) = services_running("evaluate").values()
-    (serve,) = services_running("serve").values()
     run = parsed(command(server)).out
     final = host_path(server, str(final_checkpoint(run)))
     target = parsed(command(evaluate))
@@ -300,7 +299,11 @@ def test_compose_run_flows_from_server_to_target_to_serve() -> None:
     exported = parsed(export[1:])
     assert PurePosixPath(exported.checkpoint) == final
     assert PurePosixPath(exported.data) == host_path(evaluate, target.data)
-    assert host_path(serve, parsed(command(serve)).model_dir) == PurePosixPath(exported.out)
+    served = services_running("serve").values()
+    assert {parsed(command(serve)).int8 for serve in served} == {False, True}, "compose serves float and int8"
+    assert exported.quantize == "int8"
+    for serve in served:
+        assert host_path(serve, parsed(command(serve)).model_dir) == PurePosixPath(exported.out)
 
 
 def test_compose_ports_and_addresses_agree() -> None:
@@ -311,24 +314,24 @@ def test_compose_ports_and_addresses_agree() -> None:
     for service in services_running("client").values():
         assert parsed(command(service)).superlink == f"{server_name}:{link.port}"
         assert server_name in service["depends_on"]
-    (serve,) = services_running("serve").values()
-    args = parsed(command(serve))
-    assert args.host == ANY_ADDRESS and container_ports(serve) == [args.port]
-    assert all(spec.startswith(f"{LOOPBACK}:") for spec in serve["ports"]), "serve publishes on loopback only"
-    assert instructions("EXPOSE") == [str(args.port)]
-    health = re.search(r"http://[^/:]+:(\d+)/health", " ".join(serve["healthcheck"]["test"]))
-    assert health and int(health.group(1)) == args.port
+    for serve in services_running("serve").values():
+        args = parsed(command(serve))
+        assert args.host == ANY_ADDRESS and container_ports(serve) == [args.port]
+        assert all(spec.startswith(f"{LOOPBACK}:") for spec in serve["ports"]), "serve publishes on loopback only"
+        assert instructions("EXPOSE") == [str(args.port)]
+        health = re.search(r"http://[^/:]+:(\d+)/health", " ".join(serve["healthcheck"]["test"]))
+        assert health and int(health.group(1)) == args.port
 
 
 def test_compose_serve_has_no_writable_storage_and_reads_its_token_secret() -> None:
     """serve: read-only root, read-only mounts, no image VOLUME (anonymous writable volumes), token from a secret."""
-    (serve,) = services_running("serve").values()
-    args = parsed(command(serve))
-    assert serve["read_only"] is True and all(m.read_only for m in mounts(serve))
     assert instructions("VOLUME") == []
-    token = PurePosixPath(args.token_file)
-    assert token.parent == SECRETS_DIR and token.name in serve["secrets"]
-    assert "file" in COMPOSE_DOC["secrets"][token.name]
+    for serve in services_running("serve").values():
+        args = parsed(command(serve))
+        assert serve["read_only"] is True and all(m.read_only for m in mounts(serve))
+        token = PurePosixPath(args.token_file)
+        assert token.parent == SECRETS_DIR and token.name in serve["secrets"]
+        assert "file" in COMPOSE_DOC["secrets"][token.name]
 
 
 def test_dockerfile_entrypoint_runs_crosssim() -> None:

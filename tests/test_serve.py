@@ -39,6 +39,9 @@ INT8_AGREEMENT = 0.98
 # probability margin exceeds this; over all images the bar is INT8_AGREEMENT_ALL.
 INT8_MARGIN = 0.02
 INT8_AGREEMENT_ALL = 0.9
+# Every layer in int8, forced: 0.94 with 7-bit weights, 0.41 with 8-bit ones on an AVX2 CPU without VNNI
+# (uint8 x int8 products saturate in int16 there; crosssim.export._quantized).
+INT8_EVERY_LAYER_AGREEMENT = 0.9
 SERVER_START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 MAX_UPLOAD_MB = 1
@@ -89,7 +92,10 @@ def test_int8_quantizes_every_layer_unless_that_loses_agreement_with_float(expor
     float_model = export.onnx_bytes(ckpt.build_model(), ckpt.config.data.image_size)
     images = site_images(eval_tiny_run, eval_tiny_run.target_dir).numpy()
     monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 0.0)  # any agreement will do: every layer in int8
-    assert export.quantize_int8(float_model, images).float_nodes == []
+    every_layer = export.quantize_int8(float_model, images)
+    assert every_layer.float_nodes == []
+    assert every_layer.calibration_agreement >= INT8_EVERY_LAYER_AGREEMENT, (
+        f"every layer in int8 agrees with float on {every_layer.calibration_agreement:.3f} of the calibration images")
     monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # none will do: the fragile layers stay float
     fallback = export.quantize_int8(float_model, images)
     assert fallback.float_nodes == export.float_kept_nodes(float_model) and len(fallback.float_nodes) == 2
