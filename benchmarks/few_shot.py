@@ -55,7 +55,7 @@ def few_shot_figures(run: MethodRun, checkpoint: Path, target: Path, target_labe
          "--out", str(eval_dir), "--cache", str(cache), "--adapt", LABEL_FREE_ADAPT, "--shots", str(shots)])
     few = json.loads((eval_dir / "metrics.json").read_text())["few_shot"]
     return {key: few[key] for key in ("n_shots", "n_scored", "label_free_method", "label_free_accuracy",
-                                      "few_shot_accuracy")}
+                                      "few_shot_accuracy", "deployed", "deployed_accuracy")}
 
 
 def run_few_shot(suite: str, seeds: Sequence[int], methods: Sequence[str], shots: Sequence[int], work: Path,
@@ -82,7 +82,7 @@ def run_few_shot(suite: str, seeds: Sequence[int], methods: Sequence[str], shots
             doc["runs"].setdefault(str(seed), {})[method] = {"figures": figures, "commands": run.commands}
             say(f"[{suite} seed {seed}] {method}: " + ", ".join(
                 f"k={k} few-shot {f['few_shot_accuracy']:.3f} vs {f['label_free_method']} "
-                f"{f['label_free_accuracy']:.3f}" for k, f in figures.items()))
+                f"{f['label_free_accuracy']:.3f}, deployed {f['deployed']}" for k, f in figures.items()))
     path = Path(results_dir) / f"few-shot-{suite}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
@@ -90,13 +90,19 @@ def run_few_shot(suite: str, seeds: Sequence[int], methods: Sequence[str], shots
 
 
 def few_shot_table(doc: Mapping[str, Any]) -> str:
-    """Markdown: per method and k, few-shot and label-free accuracy, mean ± std over seeds."""
-    lines = ["| suite | method | k per class | seeds | few-shot accuracy | label-free (auto) accuracy |",
-             "|---|---|---|---|---|---|"]
+    """Markdown: per method and k, few-shot, label-free and deployed accuracy, mean ± std over seeds, and how
+    often the shot check kept few-shot."""
+    lines = ["| suite | method | k per class | seeds | few-shot accuracy | label-free (auto) accuracy | "
+             "deployed (shot check) accuracy | few-shot deployed |", "|---|---|---|---|---|---|---|---|"]
     for method in few_shot_methods(doc):
         for k in doc["shots"]:
             few, free = few_shot_values(doc, method, k)
-            lines.append(f"| {doc['suite']} | {method} | {k} | {len(few)} | {_stat(few)} | {_stat(free)} |")
+            rows = [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
+            checked = [r for r in rows if "deployed" in r]  # results written before the shot check have neither
+            deployed = _stat([r["deployed_accuracy"] for r in checked])
+            kept = f"{sum(r['deployed'] == 'few-shot' for r in checked)} of {len(checked)}" if checked else "–"
+            lines.append(f"| {doc['suite']} | {method} | {k} | {len(few)} | {_stat(few)} | {_stat(free)} | "
+                         f"{deployed} | {kept} |")
     return "\n".join(lines)
 
 

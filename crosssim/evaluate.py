@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from crosssim.adapt import adapt_copy, few_shot_adapt
+from crosssim.few_shot_check import FEW_SHOT, check_few_shot
 from crosssim.adapt_choice import choose_adaptation
 from crosssim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crosssim.config import FIELD_INDEX, AdaptConfig, ConfigError, apply_overrides
@@ -45,7 +46,7 @@ LABEL_FREE_ESTIMATORS = ("atc", "doc", "adabn_atc", "agreement")
 # agreement), while their entropy terms inflate confidence; ATC of the AdaBN model is the one whose
 # confidences keep the sources' calibration. Evidence: benchmarks/loso_sweep.py (held-out sources).
 DEPLOYED_ESTIMATOR = {"none": "atc", "adabn": "atc", "tent": "adabn_atc", "crosssim": "adabn_atc",
-                      "few-shot": "adabn_atc"}
+                      FEW_SHOT: "adabn_atc"}
 
 
 def label_free_metrics(probs: np.ndarray, ckpt: Checkpoint, target_figures: dict[str, float]) -> dict[str, Any]:
@@ -246,27 +247,40 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
     if shots is not None:
         if progress:
             progress(f"few-shot adaptation on {len(shots.index)} labeled shots {shots.per_class} ...")
-        few_model = few_shot_adapt(copy.deepcopy(source_model), site.images, shots.index, shots.labels, device,
-                                   prototypes=ckpt.prototypes, settings=settings, seed=ckpt.config.seed)
-        deployed = Deployed(few_model, deployed.record, deployed.reference_probs)
+
+        def few_shot_model(positions: torch.Tensor) -> torch.nn.Module:
+            """The few-shot model trained on the shots at ``positions``."""
+            return few_shot_adapt(copy.deepcopy(source_model), site.images, shots.index[positions],
+                                  shots.labels[positions], device, prototypes=ckpt.prototypes, settings=settings,
+                                  seed=ckpt.config.seed)
+
+        shot_images = site.images[shots.index]
+        check = check_few_shot(lambda positions: infer(few_shot_model(positions), shot_images, device)[0].argmax(1),
+                               shots.labels, label_free_probs_t[shots.index].argmax(1), ckpt.config.seed)
+        few_model = few_shot_model(torch.arange(len(shots.index)))
+        few_probs_t, few_embeddings_t = infer(few_model, site.images, device)
         few_shot = {"shots_csv": str(shots_csv), "shots_per_class": shots.per_class,
                     "n_shots": int(len(shots.index)), "n_scored": int(scored.sum()),
-                    "label_free_method": adaptation["method"]}
-        adaptation["few_shot"] = {k: few_shot[k] for k in ("shots_csv", "shots_per_class")}
+                    "label_free_method": adaptation["method"], "deployed": check.deployed, "check": check.record()}
+        adaptation["few_shot"] = {k: few_shot[k] for k in ("shots_csv", "shots_per_class", "deployed")}
+        if progress:
+            progress(f"deployed: {check.deployed} ({check.reason})")
+    few_shot_deployed = few_shot is not None and few_shot["deployed"] == FEW_SHOT
+    if few_shot_deployed:
+        deployed = Deployed(few_model, deployed.record, deployed.reference_probs)
     if save_adapted is not None:
         adaptation["saved_to"] = str(save_adapted_checkpoint(ckpt, deployed.model, save_adapted, dict(adaptation)))
     probs = label_free_probs
     reference_probs = deployed.reference_probs
-    if shots is not None:  # the few-shot model is the one deployed
-        probs_t, embeddings_t = infer(deployed.model, site.images, device)
-        probs = probs_t.numpy()
+    if few_shot_deployed:
+        probs, embeddings_t = few_probs_t.numpy(), few_embeddings_t
         if reference_probs is None:  # label-free none or adabn: the AdaBN model is that one, or is made now
             reference_probs = label_free_probs_t if adaptation["method"] == "adabn" else \
                 infer(adapt_copy(source_model, site.images, "adabn", device), site.images, device)[0]
     label_free = label_free_metrics(probs[scored], ckpt, target_figures)
     if reference_probs is not None:
         label_free.update(reference_estimates(probs[scored], reference_probs.numpy()[scored], ckpt))
-    label_free.update(deployed_estimate(label_free, "few-shot" if shots is not None else adaptation["method"]))
+    label_free.update(deployed_estimate(label_free, FEW_SHOT if few_shot_deployed else adaptation["method"]))
     metrics: dict[str, Any] = {"checkpoint": str(checkpoint_path), "site": site.name, "adaptation": adaptation,
                                "label_free": label_free, "data_report": site.report.to_dict()}
     y_true = None if y_true_all is None else y_true_all[scored]
@@ -277,7 +291,8 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
     if few_shot is not None:
         if y_true is not None:
             few_shot["label_free_accuracy"] = accuracy(y_true, label_free_probs[scored].argmax(1))
-            few_shot["few_shot_accuracy"] = metrics["labeled"]["accuracy"]
+            few_shot["few_shot_accuracy"] = accuracy(y_true, few_probs_t.numpy()[scored].argmax(1))
+            few_shot["deployed_accuracy"] = metrics["labeled"]["accuracy"]
         metrics["few_shot"] = few_shot
     metrics = json_safe(metrics)
     out_dir = Path(out_dir)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from crosssim.checkpoint import SourceStats
 from crosssim.fileio import atomic_write_text
+from crosssim.few_shot_check import FEW_SHOT, LABEL_FREE
 from crosssim.metrics import reliability_bins
 from crosssim.prototypes import Prototypes
 
@@ -125,7 +126,8 @@ def _adaptation(adaptation: dict[str, Any]) -> str:
     if "auto" in adaptation:
         text += f" (chosen by auto: {html.escape(adaptation['auto']['reason'])})"
     if "few_shot" in adaptation:
-        text += f"; deployed: few-shot on {html.escape(str(adaptation['few_shot']['shots_per_class']))} shots"
+        few = adaptation["few_shot"]
+        text += f"; {html.escape(str(few['shots_per_class']))} shots given, deployed: {html.escape(few['deployed'])}"
     return text
 
 
@@ -133,14 +135,18 @@ def _few_shot(data: ReportData) -> str:
     few = data.metrics["few_shot"]
     rows = [("shots per class", html.escape(str(few["shots_per_class"]))),
             ("images scored (shots excluded)", str(few["n_scored"]))]
+    rows.append(("deployed", f"{html.escape(few['deployed'])} ({html.escape(few['check']['reason'])})"))
     if "few_shot_accuracy" in few:
-        rows += [(f"accuracy, label-free ({html.escape(few['label_free_method'])})", _fmt(few["label_free_accuracy"])),
-                 ("accuracy, few-shot (deployed)", f'<span class="big">{_fmt(few["few_shot_accuracy"])}</span>')]
+        deployed = {few["deployed"]: ' <span class="big">(deployed)</span>'}
+        rows += [(f"accuracy, label-free ({html.escape(few['label_free_method'])})",
+                  _fmt(few["label_free_accuracy"]) + deployed.get(LABEL_FREE, "")),
+                 ("accuracy, few-shot", _fmt(few["few_shot_accuracy"]) + deployed.get(FEW_SHOT, ""))]
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     note = ('<p class="note">The few-shot model: AdaBN on every target image, then BatchNorm affine parameters '
             'and the classifier head trained on the labeled shots plus the other images pseudo-labeled by '
-            'centroids that combine the shots with the global prototypes. Every figure on this page excludes '
-            'the shot images.</p>')
+            'centroids that combine the shots with the global prototypes. It is deployed unless, in 2-fold '
+            'cross-validation on the shots, it gets fewer held-out shots right than the label-free model. Every '
+            'figure on this page excludes the shot images.</p>')
     return _section("few-shot", "Few-shot adaptation", f"<table>{table}</table>{note}")
 
 

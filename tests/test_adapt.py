@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from crosssim import adapt_choice
+from crosssim import adapt_choice, evaluate
 from crosssim.adapt import adapt_copy, class_prior, nearest_centroid_labels
 from crosssim.adapt_choice import degeneracy_checks
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import AdaptConfig, ConfigError
 from crosssim.data.sites import SiteError, load_site, read_labels_csv, write_labels_csv
 from crosssim.evaluate import deployed_estimate, evaluate_site, reference_estimates
+from crosssim.few_shot_check import LABEL_FREE, ShotCheck
 from crosssim.metrics import atc_threshold
 from crosssim.model import batchnorm_modules, batchnorm_state_keys
 from crosssim.shift import shift_figures
@@ -183,12 +184,28 @@ def test_shots_adapt_the_deployed_model_and_are_never_scored(eval_tiny_run, tmp_
     assert metrics["few_shot"]["n_shots"] == n_shots and metrics["few_shot"]["n_scored"] == len(truth) - n_shots
     supports = sum(c["support"] for c in metrics["labeled"]["per_class"].values())
     assert supports == len(truth) - n_shots
-    assert metrics["few_shot"]["few_shot_accuracy"] == metrics["labeled"]["accuracy"]
+    assert metrics["few_shot"]["deployed"] == "few-shot"  # one shot per class: nothing to cross-validate
+    assert metrics["few_shot"]["few_shot_accuracy"] == metrics["few_shot"]["deployed_accuracy"] == \
+        metrics["labeled"]["accuracy"]
     assert "few-shot" in (tmp_path / "out" / "report.html").read_text()
     bad = write_labels_csv(tmp_path / "bad.csv", [("no/such.dcm", next(iter(first_per_class)))])
     with pytest.raises(SiteError, match="bad.csv.*not readable images"):
         evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "bad", shots_csv=bad,
                       cache_dir=eval_tiny_run.cache_dir, progress=None)
+
+
+def test_a_few_shot_model_that_loses_the_shot_check_is_not_deployed(eval_tiny_run, tmp_path, monkeypatch):
+    truth = read_labels_csv(eval_tiny_run.target_labels)
+    shots_csv = write_labels_csv(tmp_path / "shots.csv", sorted(truth.items())[:4])
+    monkeypatch.setattr(evaluate, "check_few_shot", lambda *args: ShotCheck(LABEL_FREE, "constructed loss", 0, 4, 4))
+    metrics = evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "out", adapt="adabn",
+                            labels_csv=eval_tiny_run.target_labels, shots_csv=shots_csv,
+                            cache_dir=eval_tiny_run.cache_dir, progress=None)
+    few = metrics["few_shot"]
+    assert few["deployed"] == metrics["adaptation"]["few_shot"]["deployed"] == LABEL_FREE
+    assert few["deployed_accuracy"] == few["label_free_accuracy"] == metrics["labeled"]["accuracy"]
+    assert metrics["label_free"]["estimator"] == "atc"  # the AdaBN model's own estimate, not few-shot's
+    assert "constructed loss" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_evaluate_set_takes_adapt_keys_only(eval_tiny_run, tmp_path):

@@ -32,7 +32,9 @@ class FakeEvaluate:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps({"few_shot": {
             "n_shots": len(shots), "n_scored": len(TARGET) - len(shots), "label_free_method": "adabn",
-            "label_free_accuracy": 0.5, "few_shot_accuracy": 0.5 + 0.1 * len(shots)}}))
+            "label_free_accuracy": 0.5, "few_shot_accuracy": 0.5 + 0.1 * len(shots),
+            "deployed": "few-shot" if len(shots) > 2 else "label-free",
+            "deployed_accuracy": 0.5 + 0.1 * len(shots) if len(shots) > 2 else 0.5}}))
 
 
 def test_only_existing_checkpoints_are_adapted_and_the_table_compares_side_by_side(tmp_path: Path) -> None:
@@ -47,5 +49,6 @@ def test_only_existing_checkpoints_are_adapted_and_the_table_compares_side_by_si
     assert doc["missing"] and "fedavg" in doc["missing"][0]  # counted and shown, never silently dropped
     assert doc["runs"]["0"]["crosssim"]["figures"]["2"]["few_shot_accuracy"] == 0.5 + 0.1 * 4
     table = few_shot.few_shot_table(doc)
-    assert "| fake | crosssim | 2 | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 |" in table
+    assert "| fake | crosssim | 2 | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 | 1 of 1 |" in table
+    assert "| fake | crosssim | 1 | 1 | 0.700 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0 of 1 |" in table
     assert (tmp_path / "results" / "few-shot-fake.json").is_file()
