@@ -15,7 +15,7 @@ import io
 import json
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,10 @@ ONNX_OPSET = 17  # supported by every onnxruntime since 1.11 and by torch's Torc
 QUANTIZE_MODES = ("int8",)
 CALIBRATION_BATCH_SIZE = 32  # images per calibration forward pass
 MAX_CALIBRATION_IMAGES = 512  # more adds minutes, not accuracy: min/max calibration saturates quickly
-INT8_MIN_AGREEMENT = 0.98  # top-1 agreement with float on the calibration images for every layer to go int8
+INT8_MIN_AGREEMENT = 0.98  # top-1 agreement with float on the calibration images for the head to go int8
+# ONNX Runtime graph optimizers the int8 session runs without: QDQ propagation would move the quantization after
+# a float layer back over MaxPool (``_quantized``). The manifest records them for every session of the model.
+INT8_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 # The DataConfig fields crosssim.data.dicom.read_image reads: everything a server needs to see training's pixels.
 PREPROCESSING_FIELDS = ("image_size", "normalize", "clip_low_percentile", "clip_high_percentile", "frame",
                         "voi_lut")
@@ -119,21 +122,20 @@ def onnx_bytes(model: torch.nn.Module, image_size: int) -> bytes:
     return buffer.getvalue()
 
 
-def float_kept_nodes(model: bytes) -> list[str]:
-    """The first convolution and the node producing ``logits``: the layers int8 hurts most, kept in float when
-    quantizing them too loses agreement with the float model (``quantize_int8``).
+def fragile_nodes(model: bytes) -> tuple[list[str], list[str]]:
+    """(The first convolution, the node producing ``logits``): the layers int8 hurts most (``quantize_int8``).
 
-    Evidence (benchmarks/serve.py's model, seed-cnn, 64 px, 7-bit weights: ``_quantized``): quantizing only the
-    first convolution moves logits by up to 0.13 and agrees with float on 95 % of the target's images, every other
-    layer alone on 98-100 %; keeping those two in float agrees on 98 % but is about half as fast as float (the float
-    convolution's full-resolution output is then quantized once more), where every layer in int8 is 1.2x faster.
+    Evidence (benchmarks/serve.py's model, seed-cnn, 64 px, one thread, an AVX2 CPU without VNNI): the first
+    convolution (one input channel, so 9 multiply-adds an output) runs 4x slower in int8 than in float (311 vs
+    73 us) where the second runs 1.6x faster (325 vs 512 us), and alone in int8 it moves logits by up to 0.13
+    and flips 5 % of the target's predictions; every other layer alone flips 0-2 %.
     """
     import onnx
 
     nodes = onnx.load_model_from_string(model).graph.node
     first_conv = [n.name for n in nodes if n.op_type == "Conv"][:1]
     head = [n.name for n in nodes if OUTPUT_NAMES[0] in n.output]
-    return first_conv + head
+    return first_conv, head
 
 
 def _batches(images: np.ndarray) -> Iterator[np.ndarray]:
@@ -145,11 +147,16 @@ def _quantized(float_path: Path, target: Path, images: np.ndarray, float_nodes: 
     """Static post-training int8 (QDQ; uint8 activations and per-channel int8 weights, ONNX Runtime's choice for
     x86 CPUs), calibrated on ``images`` (N, 1, S, S), with ``float_nodes`` left in float.
 
+    MaxPool is left unquantized: after a float layer, ONNX Runtime would run it on uint8 in NCHW layout, 9x slower
+    than in float (666 vs 73 us after the first convolution); with ``INT8_DISABLED_OPTIMIZERS`` in the session it
+    stays float and the quantization point moves past it, where the tensor is 4x smaller.
+
     Weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2 only) ONNX Runtime multiplies uint8 by
     int8 in pairs summed into int16, which saturates with full-range weights. On such a CPU, 8-bit weights made the
     first convolution (one input channel, images filling [0, 1]) move logits by up to 1.9 and predict one class for
     every image; 7 bits: 0.13. A model exported on one machine is served on others, so 7 bits everywhere."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
 
     class SiteImages(CalibrationDataReader):
         """The calibration site's preprocessed images in batches; labels never enter."""
@@ -163,14 +170,15 @@ def _quantized(float_path: Path, target: Path, images: np.ndarray, float_nodes: 
 
     quantize_static(str(float_path), str(target), SiteImages(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                    nodes_to_exclude=float_nodes)
+                    nodes_to_exclude=float_nodes, op_types_to_quantize=sorted(set(QDQRegistry) - {"MaxPool"}))
     return target.read_bytes()
 
 
-def _logits(model: bytes, images: np.ndarray) -> np.ndarray:
+def _logits(model: bytes, images: np.ndarray, disabled_optimizers: Sequence[str] = ()) -> np.ndarray:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=list(disabled_optimizers))
     return np.concatenate([session.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})[0] for batch in _batches(images)])
 
 
@@ -182,9 +190,9 @@ class Int8Model:
 
 
 def quantize_int8(float_model: bytes, images: np.ndarray) -> Int8Model:
-    """Every layer in int8 when that agrees with the float model on at least ``INT8_MIN_AGREEMENT`` of the
-    calibration ``images`` (N, 1, S, S; their labels are never read), else the first convolution and the head kept
-    in float (``float_kept_nodes``)."""
+    """Every layer but the first convolution in int8 when that agrees with the float model on at least
+    ``INT8_MIN_AGREEMENT`` of the calibration ``images`` (N, 1, S, S; their labels are never read), else the head
+    kept in float too (``fragile_nodes``)."""
     images = images.astype(np.float32)
     reference = _logits(float_model, images)
     with tempfile.TemporaryDirectory(prefix="crosssim-quantize-") as tmp:
@@ -193,12 +201,14 @@ def quantize_int8(float_model: bytes, images: np.ndarray) -> Int8Model:
 
         def attempt(float_nodes: list[str]) -> Int8Model:
             model = _quantized(source, target, images, float_nodes)
-            return Int8Model(model, float_nodes, top1_agreement(_logits(model, images), reference))
+            agreement = top1_agreement(_logits(model, images, INT8_DISABLED_OPTIMIZERS), reference)
+            return Int8Model(model, float_nodes, agreement)
 
-        every_layer = attempt([])
-        if every_layer.calibration_agreement >= INT8_MIN_AGREEMENT:
-            return every_layer
-        return attempt(float_kept_nodes(float_model))
+        first_conv, head = fragile_nodes(float_model)
+        preferred = attempt(first_conv)
+        if preferred.calibration_agreement >= INT8_MIN_AGREEMENT:
+            return preferred
+        return attempt(first_conv + head)
 
 
 def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, adapt: str = "none",
@@ -247,9 +257,10 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, adapt: str
         atomic_write_bytes(out_dir / INT8_MODEL_FILENAME, int8.model)
         models["int8"] = {"file": INT8_MODEL_FILENAME, "sha256": hashlib.sha256(int8.model).hexdigest(),
                           "calibration_site": site.name, "calibration_images": len(calibration),
-                          "float_nodes": int8.float_nodes, "calibration_agreement": int8.calibration_agreement}
+                          "float_nodes": int8.float_nodes, "calibration_agreement": int8.calibration_agreement,
+                          "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS)}
         if progress:
-            kept = f"{', '.join(int8.float_nodes)} kept in float" if int8.float_nodes else "every layer in int8"
+            kept = f"{', '.join(int8.float_nodes)} kept in float"
             progress(f"int8: {kept}; agrees with float on {int8.calibration_agreement:.1%} of the calibration images")
     source = ckpt.source
     reference = float("nan") if source is None else source.shift_reference.get("prototype_distance", float("nan"))

@@ -70,7 +70,8 @@ class ServedModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                        disabled_optimizers=entry.get("disabled_optimizers", []))
         except Exception as exc:  # onnxruntime raises its own pybind types for a bad model file
             raise ManifestError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__})") from None
         self.data_config = self.manifest.data_config()

@@ -36,12 +36,11 @@ TOLERANCE = 1e-4  # ONNX Runtime vs PyTorch, and the server vs `crosssim evaluat
 INT8_AGREEMENT = 0.98
 # The tiny fixture model is barely trained (top-1 probability ~0.4 over 4 classes), so some images sit on a
 # decision boundary that any rounding flips. The 98 % agreement is asserted on images whose float top-2
-# probability margin exceeds this; over all images the bar is INT8_AGREEMENT_ALL.
+# probability margin exceeds this; over all images the bar is INT8_AGREEMENT_ALL. The calibration agreement of
+# int8 but the first convolution is held to INT8_AGREEMENT itself: 32 of 32 images with 7-bit weights, 31 with
+# 8-bit ones on an AVX2 CPU without VNNI (uint8 x int8 products saturate in int16 there; export._quantized).
 INT8_MARGIN = 0.02
 INT8_AGREEMENT_ALL = 0.9
-# Every layer in int8, forced: 0.94 with 7-bit weights, 0.41 with 8-bit ones on an AVX2 CPU without VNNI
-# (uint8 x int8 products saturate in int16 there; crosssim.export._quantized).
-INT8_EVERY_LAYER_AGREEMENT = 0.9
 SERVER_START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 MAX_UPLOAD_MB = 1
@@ -84,21 +83,23 @@ def test_manifest_records_the_checkpoint_and_the_alarm_references(exported, eval
         assert sha256_of(exported.folder / entry["file"]) == entry["sha256"]
 
 
-def test_int8_quantizes_every_layer_unless_that_loses_agreement_with_float(exported, eval_tiny_run, monkeypatch):
+def test_int8_keeps_the_first_conv_float_and_the_head_too_when_int8_loses_agreement(exported, eval_tiny_run,
+                                                                                    monkeypatch):
     entry = json.loads((exported.folder / MANIFEST_FILENAME).read_text())["models"]["int8"]
-    kept_when_needed = entry["float_nodes"] == [] or entry["calibration_agreement"] < export.INT8_MIN_AGREEMENT
-    assert kept_when_needed and 0.0 <= entry["calibration_agreement"] <= 1.0
     ckpt = load_checkpoint(eval_tiny_run.checkpoint)
     float_model = export.onnx_bytes(ckpt.build_model(), ckpt.config.data.image_size)
+    first_conv, head = export.fragile_nodes(float_model)
+    assert len(first_conv) == len(head) == 1
+    assert entry["float_nodes"] in (first_conv, first_conv + head)
+    assert entry["disabled_optimizers"] == list(export.INT8_DISABLED_OPTIMIZERS)
     images = site_images(eval_tiny_run, eval_tiny_run.target_dir).numpy()
-    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 0.0)  # any agreement will do: every layer in int8
-    every_layer = export.quantize_int8(float_model, images)
-    assert every_layer.float_nodes == []
-    assert every_layer.calibration_agreement >= INT8_EVERY_LAYER_AGREEMENT, (
-        f"every layer in int8 agrees with float on {every_layer.calibration_agreement:.3f} of the calibration images")
-    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # none will do: the fragile layers stay float
-    fallback = export.quantize_int8(float_model, images)
-    assert fallback.float_nodes == export.float_kept_nodes(float_model) and len(fallback.float_nodes) == 2
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 0.0)  # any agreement will do: the head in int8
+    preferred = export.quantize_int8(float_model, images)
+    assert preferred.float_nodes == first_conv
+    assert preferred.calibration_agreement >= INT8_AGREEMENT, (
+        f"int8 but the first conv agrees with float on {preferred.calibration_agreement:.3f} of the calibration images")
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # none will do: the head stays float too
+    assert export.quantize_int8(float_model, images).float_nodes == first_conv + head
 
 
 def test_onnx_runtime_equals_pytorch(exported, eval_tiny_run):
