@@ -110,7 +110,7 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
                                "and the report say which was used and why. Default: none")
     evaluate.add_argument("--shots", metavar="CSV",
                           help="few-shot adaptation: 'path,label' rows of 1-20 labeled target images per class; "
-                               "the few-shot model is the one written unless 2-fold cross-validation on the shots "
+                               "the few-shot model is the one written unless cross-validation on the shots "
                                "(2+ per class) finds it worse than the label-free --adapt model; both are reported "
                                "side by side, and shot images are never scored")
     evaluate.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],

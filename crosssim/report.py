@@ -144,7 +144,7 @@ def _few_shot(data: ReportData) -> str:
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     note = ('<p class="note">The few-shot model: AdaBN on every target image, then BatchNorm affine parameters '
             'and the classifier head trained on the labeled shots plus the other images pseudo-labeled by '
-            'centroids that combine the shots with the global prototypes. It is deployed unless, in 2-fold '
+            'centroids that combine the shots with the global prototypes. It is deployed unless, in '
             'cross-validation on the shots, it gets fewer held-out shots right than the label-free model. Every '
             'figure on this page excludes the shot images.</p>')
     return _section("few-shot", "Few-shot adaptation", f"<table>{table}</table>{note}")
