@@ -97,8 +97,7 @@ def few_shot_table(doc: Mapping[str, Any]) -> str:
     for method in few_shot_methods(doc):
         for k in doc["shots"]:
             few, free = few_shot_values(doc, method, k)
-            rows = [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
-            checked = [r for r in rows if "deployed" in r]  # results written before the shot check have neither
+            checked = [r for r in few_shot_rows(doc, method, k) if "deployed" in r]  # none before the shot check
             deployed = _stat([r["deployed_accuracy"] for r in checked])
             kept = f"{sum(r['deployed'] == 'few-shot' for r in checked)} of {len(checked)}" if checked else "–"
             lines.append(f"| {doc['suite']} | {method} | {k} | {len(few)} | {_stat(few)} | {_stat(free)} | "
@@ -111,9 +110,14 @@ def few_shot_methods(doc: Mapping[str, Any]) -> list[str]:
     return sorted({m for by_method in doc["runs"].values() for m in by_method})
 
 
+def few_shot_rows(doc: Mapping[str, Any], method: str, k: int) -> list[Mapping[str, Any]]:
+    """The figures of ``method`` with ``k`` shots per class, one per seed."""
+    return [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
+
+
 def few_shot_values(doc: Mapping[str, Any], method: str, k: int) -> tuple[list[float], list[float]]:
     """Few-shot and label-free accuracy of ``method`` with ``k`` shots per class, one of each per seed."""
-    rows = [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
+    rows = few_shot_rows(doc, method, k)
     return [r["few_shot_accuracy"] for r in rows], [r["label_free_accuracy"] for r in rows]
 
 

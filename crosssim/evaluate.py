@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from crosssim.adapt import adapt_copy, few_shot_adapt
-from crosssim.few_shot_check import FEW_SHOT, check_few_shot
 from crosssim.adapt_choice import choose_adaptation
 from crosssim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crosssim.config import FIELD_INDEX, AdaptConfig, ConfigError, apply_overrides
 from crosssim.data.shots import load_shots
 from crosssim.data.sites import SiteData, load_labels_for, load_site
+from crosssim.few_shot_check import FEW_SHOT, check_few_shot
 from crosssim.fileio import atomic_write_text
 from crosssim.metrics import (ATC_INTERVAL_LEVEL, accuracy, atc_estimate, atc_interval, atc_threshold,
                               balanced_accuracy, confusion_matrix, doc_estimate, entropy,

@@ -260,8 +260,8 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, adapt: str
                           "float_nodes": int8.float_nodes, "calibration_agreement": int8.calibration_agreement,
                           "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS)}
         if progress:
-            kept = f"{', '.join(int8.float_nodes)} kept in float"
-            progress(f"int8: {kept}; agrees with float on {int8.calibration_agreement:.1%} of the calibration images")
+            progress(f"int8: {', '.join(int8.float_nodes)} kept in float; agrees with float on "
+                     f"{int8.calibration_agreement:.1%} of the calibration images")
     source = ckpt.source
     reference = float("nan") if source is None else source.shift_reference.get("prototype_distance", float("nan"))
     manifest = ServingManifest(

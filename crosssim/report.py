@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from crosssim.checkpoint import SourceStats
-from crosssim.fileio import atomic_write_text
 from crosssim.few_shot_check import FEW_SHOT, LABEL_FREE
+from crosssim.fileio import atomic_write_text
 from crosssim.metrics import reliability_bins
 from crosssim.prototypes import Prototypes
 
@@ -134,8 +134,8 @@ def _adaptation(adaptation: dict[str, Any]) -> str:
 def _few_shot(data: ReportData) -> str:
     few = data.metrics["few_shot"]
     rows = [("shots per class", html.escape(str(few["shots_per_class"]))),
-            ("images scored (shots excluded)", str(few["n_scored"]))]
-    rows.append(("deployed", f"{html.escape(few['deployed'])} ({html.escape(few['check']['reason'])})"))
+            ("images scored (shots excluded)", str(few["n_scored"])),
+            ("deployed", f"{html.escape(few['deployed'])} ({html.escape(few['check']['reason'])})")]
     if "few_shot_accuracy" in few:
         deployed = {few["deployed"]: ' <span class="big">(deployed)</span>'}
         rows += [(f"accuracy, label-free ({html.escape(few['label_free_method'])})",
