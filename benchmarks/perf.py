@@ -13,10 +13,10 @@ Steps (one progress line each; a table at the end; JSON with date, git commit an
 3. cold vs cached site load (``benchmarks/load.py``'s ``measure``);
 4. a loopback deployment (SuperLink + 2 SuperNodes via ``crosssim server`` / ``crosssim client``, as in
    tests/test_deployment.py): the code as issue 16 found it (``BASELINE_COMMIT``, run from its own files), today's
-   rounds on this checkout (two messages, Flower's poll intervals) and this checkout's defaults, one after the
-   other: each round's wall time split into message delivery wait, ClientApp start, imports, data load, model
-   build, compute, reply transport and the server's aggregation + checkpoint, from the server's and the sites'
-   wall-clock instants in ``RUN/rounds.jsonl``; the overhead (wall − slowest site compute) of all three from the
+   rounds on this checkout (two messages, Flower's poll intervals, no site worker) and this checkout's defaults,
+   one after the other: each round's wall time split into message delivery wait, ClientApp start, imports, data
+   load, model build, compute, reply transport and the server's aggregation + checkpoint, from the server's and the
+   sites' wall-clock instants in ``RUN/rounds.jsonl``; the overhead (wall − slowest site compute) of all three from the
    sites' compute-s metrics;
 5. bytes per round per client by record (weights, prototypes, metrics, config; both directions) with
    ``update-dtype`` float16 vs float32, serialized by Flower's own protobuf serde from the records the
@@ -115,11 +115,11 @@ FLOWER_SUPEREXEC_POLL_S = 1.0  # flwr.supercore.superexec.run_superexec: _DEFAUL
 # timestamps, so only its wall, compute and overhead are known. "before" is today's rounds reproduced on this
 # checkout (two messages, Flower's polls) and "after" this checkout's defaults, both split into phases.
 BASELINE_COMMIT = "e25840d"
-DEPLOY_VARIANTS = {
-    "baseline": (BASELINE_COMMIT, {}, {}),
+DEPLOY_VARIANTS = {  # name → (commit, config overrides, environment, crosssim client flags)
+    "baseline": (BASELINE_COMMIT, {}, {}, ()),
     "before": (None, {"round-style": "two-messages", "reply-poll-s": FLOWER_REPLY_POLL_S},
-               {SUPEREXEC_POLL_ENV: str(FLOWER_SUPEREXEC_POLL_S)}),
-    "after": (None, {}, {}),
+               {SUPEREXEC_POLL_ENV: str(FLOWER_SUPEREXEC_POLL_S)}, ("--no-site-worker",)),
+    "after": (None, {}, {}, ()),
 }
 OVERHEAD = "overhead (wall − slowest compute)"  # the issue-16 goal's figure, a round's wall minus its site compute
 ROUND_PHASES = ("message delivery wait", "ClientApp start (Python, flwr, message + FAB pull)",
@@ -345,10 +345,11 @@ def site_load(report: Report, folder: Path, work: Path, sizes: Sizes) -> None:
 
 # ------------------------------------------------------------------------------ 4. loopback deployment
 
-def cold_import_seconds() -> float:
-    """Wall time of a fresh Python that imports the ClientApp (what each deployment message pays)."""
+def cold_import_seconds(module: str) -> float:
+    """Wall time of a fresh Python that imports ``module``: ``client.app`` is what each deployment message pays with
+    a site worker, ``client.task`` (torch, crosssim) what it pays without one."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import client.app"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT)
     return time.perf_counter() - started
 
 
@@ -363,9 +364,10 @@ def checkout(commit: str, work: Path) -> Path:
 
 
 def deploy(sites: list[Path], work: Path, name: str, rounds: int, overrides: dict[str, Any],
-           env_extra: dict[str, str], root: Path = ROOT) -> tuple[list[dict[str, Any]], float]:
-    """One loopback deployment of the code in ``root`` with ``overrides`` (and ``env_extra`` for every process);
-    (its records, whole s)."""
+           env_extra: dict[str, str], client_flags: tuple[str, ...] = (),
+           root: Path = ROOT) -> tuple[list[dict[str, Any]], float]:
+    """One loopback deployment of the code in ``root`` with ``overrides`` (``env_extra`` for every process,
+    ``client_flags`` for each ``crosssim client``); (its records, whole s)."""
     link_port, *node_ports, http_port, control_port = free_ports(5)
     env = {**flower_ports_env([http_port, control_port]), "PYTHONPATH": str(root), **env_extra}
     run = work / f"deploy-{name}"
@@ -374,8 +376,9 @@ def deploy(sites: list[Path], work: Path, name: str, rounds: int, overrides: dic
                      "--app", root, *_set_flags({**TINY_SETTINGS, **overrides})], env, work / f"deploy-{name}.log",
                     cwd=root)
     clients = [launch(["client", "--superlink", f"127.0.0.1:{link_port}", "--port", port, "--data", site,
-                       "--cache", work / f"deploy-cache-{i}"], {**env, "FLWR_HOME": str(work / f"flwr-{name}-{i}")},
-                      work / f"deploy-{name}-client-{i}.log", cwd=root)
+                       "--cache", work / f"deploy-cache-{i}", *client_flags],
+                      {**env, "FLWR_HOME": str(work / f"flwr-{name}-{i}")}, work / f"deploy-{name}-client-{i}.log",
+                      cwd=root)
                for i, (site, port) in enumerate(zip(sites, node_ports))]
     try:
         server.wait(timeout=DEPLOY_TIMEOUT_S)
@@ -446,9 +449,10 @@ def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> N
         load_site(site, cfg.data, labeled=True, classes=federated_classes(cfg), cache_dir=work / f"deploy-cache-{i}")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in DEPLOY_VARIANTS}
     for repeat in range(sizes.deploy_repeats):
-        for name, (commit, overrides, env_extra) in DEPLOY_VARIANTS.items():
+        for name, (commit, overrides, env_extra, client_flags) in DEPLOY_VARIANTS.items():
             root = checkout(commit, work) if commit else ROOT
-            rounds, total = deploy(sites, work, f"{name}-{repeat}", sizes.deploy_rounds, overrides, env_extra, root)
+            rounds, total = deploy(sites, work, f"{name}-{repeat}", sizes.deploy_rounds, overrides, env_extra,
+                                   client_flags, root)
             split = [round_breakdown(r) for r in rounds] if all("site_timings" in r for r in rounds) else []
             mean = {phase: statistics.mean(s[phase] for s in split) for phase in split[0]} if split else {}
             overall = metrics_overhead(rounds)
@@ -460,7 +464,7 @@ def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> N
                             f"{overall[OVERHEAD]:.1f} s a round, whole run {total:.1f} s")
     outcome: dict[str, Any] = {name: {**min(results, key=lambda r: r["from_metrics"]["wall"]), "repeats": results,
                                       "commit": DEPLOY_VARIANTS[name][0], "overrides": DEPLOY_VARIANTS[name][1],
-                                      "env": DEPLOY_VARIANTS[name][2]}
+                                      "env": DEPLOY_VARIANTS[name][2], "client_flags": DEPLOY_VARIANTS[name][3]}
                                for name, results in runs.items()}
     after, before, baseline = (outcome[name] for name in ("after", "before", "baseline"))
     for phase in after["mean"]:
@@ -476,9 +480,11 @@ def deployment(report: Report, sites: list[Path], work: Path, sizes: Sizes) -> N
                baseline["messages_per_site"], "messages", "whole run")
     report.row(step, "after: whole `crosssim server` run", after["total_s"], f"baseline {BASELINE_COMMIT}",
                baseline["total_s"], "s", "incl. SuperLink start, nodes joining, FAB, ServerApp start, stop")
-    imports = statistics.median(cold_import_seconds() for _ in range(2))
-    report.row(step, "cold `python -c 'import client.app'`", imports, "before: process start + imports a round",
-               sum(before["mean"][p] for p in ROUND_PHASES[1:4]), "s", "what a fresh process per message costs")
+    imports = {module: statistics.median(cold_import_seconds(module) for _ in range(2))
+               for module in ("client.app", "client.task")}
+    report.row(step, "cold `python -c 'import client.app'`", imports["client.app"],
+               "cold `python -c 'import client.task'`", imports["client.task"], "s",
+               "what each message's fresh process imports with a site worker vs without one")
     report.details["deployment"] = {**outcome, "cold_import_s": imports, "images_per_site": sizes.tiny_images,
                                     "settings": TINY_SETTINGS, "phases": list(ROUND_PHASES),
                                     "baseline_commit": BASELINE_COMMIT}

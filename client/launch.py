@@ -6,18 +6,23 @@ Raw Flower equivalent (printed by ``--dry-run``)::
 
 With ``--root-certificates`` one TLS handshake checks the server's certificate before the SuperNode starts;
 with ``--auth-key`` the SuperNode signs in with this hospital's key (the server must have registered it).
+Beside the SuperNode runs the resident site worker (``client.site_worker``; off with ``--no-site-worker``), which
+computes every message so that Flower's fresh ClientApp process per message does not import torch each time.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import IO
 
+from client.site_worker import WORKER_SOCKET_ENV
 from crosssim.boundary import NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY
 from crosssim.processes import (Children, LaunchError, describe_command, first_free_port, flower_env, key_values,
                                 require_free_port, require_pem, split_address, stop_group, stop_on_sigterm,
@@ -26,6 +31,8 @@ from crosssim.processes import (Children, LaunchError, describe_command, first_f
 DEFAULT_SUPERNODE_PORT = 9094  # Flower's default port of a SuperNode's own API (for its ClientApp processes)
 SUPERNODE_HOST = "127.0.0.1"  # where the SuperNode's own API listens (Flower's default)
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
+WORKER_START_TIMEOUT_S = 60.0  # the site worker imports torch and crosssim before it listens
+WORKER_POLL_S = 0.1
 REGISTRATION_RETRY_S = 5.0  # a key the server registers moments after its SuperLink opens: try again this often
 NOT_REGISTERED = "[code: 2004]"
 # What a refused SuperNode prints before Flower's exit 305 (Flower 1.42), and the fix in one line.
@@ -64,6 +71,9 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--auth-key", metavar="FILE", help="this hospital's private key (DIR/sites/NAME.key from "
                           "`crosssim certs DIR --sites NAME`) for a server that admits registered hospitals only "
                           "(needs --root-certificates)")
+    parser.add_argument("--no-site-worker", dest="site_worker", action="store_false",
+                        help="compute each message in the ClientApp process Flower starts for it (Flower's default; "
+                             "each then imports torch again) instead of in this hospital's resident site worker")
     parser.add_argument("--dry-run", action="store_true", help="print the raw Flower command and exit")
 
 
@@ -111,11 +121,13 @@ def join(args: argparse.Namespace) -> int:
         raise LaunchError(problem)
     stop_on_sigterm()
     children = Children()
+    worker_dir = Path(tempfile.mkdtemp(prefix="crosssim-site-"))  # mode 0700: the socket is this user's alone
     deadline = time.monotonic() + args.connect_timeout
     try:
+        env = flower_env(start_site_worker(children, worker_dir) if args.site_worker else None)
         print(f"joining {args.superlink} with site {args.site or Path(args.data).resolve().name}", flush=True)
         while True:
-            code, refusal = _run_supernode(children.start(command, flower_env(), subprocess.PIPE))
+            code, refusal = _run_supernode(children.start(command, env, subprocess.PIPE))
             if code == 0 or refusal is None:
                 return code
             if refusal != NOT_REGISTERED or time.monotonic() + REGISTRATION_RETRY_S > deadline:
@@ -125,6 +137,24 @@ def join(args: argparse.Namespace) -> int:
             time.sleep(REGISTRATION_RETRY_S)
     finally:
         children.stop_all()
+        shutil.rmtree(worker_dir, ignore_errors=True)
+
+
+def start_site_worker(children: Children, folder: Path) -> dict[str, str]:
+    """Start the resident site worker on a socket in ``folder``; the environment that names it to the ClientApps,
+    or none (each message computed in its own ClientApp process) when it does not come up."""
+    socket_path = folder / "worker.sock"
+    process = children.start([sys.executable, "-m", "client.site_worker", "--socket", str(socket_path)],
+                             flower_env())
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while not socket_path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            problem = f"exited with code {process.returncode}" if process.returncode is not None else \
+                f"did not listen within {WORKER_START_TIMEOUT_S:.0f} s"
+            print(f"site worker {problem}: each message is computed in its own ClientApp process", flush=True)
+            return {}
+        time.sleep(WORKER_POLL_S)
+    return {WORKER_SOCKET_ENV: str(socket_path)}
 
 
 def require_auth_key(args: argparse.Namespace) -> None:

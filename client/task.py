@@ -178,3 +178,6 @@ def evaluate(content: RecordDict, context: Context, run_settings: Mapping[str, A
     metrics = evaluate_round(model, site, cfg, _global_prototypes(content, model), resolve_device(cfg.train.device))
     timings[COMPUTE_DONE] = time.time()
     return RecordDict({METRICS_RECORD: MetricRecord(metrics), TIMINGS_RECORD: MetricRecord(timings)})
+
+
+HANDLERS = {"train": train, "evaluate": evaluate}  # by message type (client.app, client.site_worker)

@@ -67,6 +67,9 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path, capsys):
     assert not still_running(spawned), logs
     assert len(spawned) >= 5  # SuperLink, 2 SuperNodes, flwr run, ServerApp (at least) were seen and stopped
     assert "registered 2 hospital key(s): a, b" in (tmp_path / "server.log").read_text()
+    for name in clients:  # each hospital's messages went to its resident site worker, none computed elsewhere
+        log = (tmp_path / f"client-{name}.log").read_text()
+        assert "site worker ready" in log and "in the ClientApp process" not in log, log
 
     assert all(process.returncode != 0 for process in refused.values()), logs
     assert "has not registered it" in _error_line(tmp_path / "client-unregistered.log")
