@@ -98,6 +98,11 @@ FEDERATED_METHODS: dict[str, list[str]] = {  # method → crosssim simulate flag
     "crosssim-contrastive": ["--strategy", "crosssim", "--set", "similarity=contrastive"],
 }
 METHODS = ("local-only", "pooled", *FEDERATED_METHODS, "oracle")
+# What `make bench` runs on every suite (issue 13's list); the CrossSim ablation rows on ABLATION_SUITES only with
+# `make bench BENCH_ARGS=--ablation` (issue 11's check): together they would double the bench.
+BENCH_METHODS = ("local-only", "pooled", "fedavg", "fedprox", "fedbn", "crosssim-prototypes", "crosssim", "oracle")
+ABLATION_METHODS = tuple(m for m in METHODS if m not in BENCH_METHODS)
+ABLATION_SUITES = ("synthetic-hard", "elpv-mono2poly", "digits")
 METHOD_LABELS = {"local-only": "local-only (mean over sources)", "pooled": "pooled (centralized bound)",
                  "fedavg-scanner": "fedavg + scanner views",
                  "crosssim-prototypes": "crosssim, prototype term only (previous method)",
@@ -700,8 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
                         help="sites, runs and caches (default: runs/bench; never committed)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="JSON output folder")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                        help=f"subset of methods (default: all: {', '.join(METHODS)})")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(BENCH_METHODS), metavar="METHOD",
+                        help=f"methods to run (default: {' '.join(BENCH_METHODS)}; the ablation rows: "
+                             f"{' '.join(ABLATION_METHODS)})")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: skip (seed, method) pairs already saved under the same "
                              "protocol by the same code (default: measure every requested pair again)")

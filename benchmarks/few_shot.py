@@ -5,7 +5,9 @@ in the work folder, and each k: draw k target images per class (seeded; the targ
 a hospital would label), then ``crosssim evaluate --adapt auto --shots`` scores on the other images both
 the few-shot model and the label-free ``auto`` one, side by side on the same images.
 
-Results: ``benchmarks/results/few-shot-<suite>.json`` and a table on stdout.
+Results: ``benchmarks/results/few-shot-<suite>.json`` and a table on stdout. A run replaces the (seed, method, k)
+figures it measures and keeps the others (``make bench`` measures k = 5 only; the k = 1 and 10 points of the few-shot
+curve stay those of the last run that measured them); each (seed, method) records the commit and code it ran.
 
     .venv/bin/python benchmarks/accuracy.py --suites digits --methods fedavg crosssim   # the checkpoints
     .venv/bin/python benchmarks/few_shot.py --suites digits --seeds 3 --shots 1 5 10
@@ -27,13 +29,14 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.accuracy import (DEFAULT_WORK, QUICK, RESULTS_DIR, Crosssim, MethodRun, code_fingerprint,  # noqa: E402
-                                 environment, run_crosssim, say)
+                                 environment, git_commit, run_crosssim, say)
 from benchmarks.datasets import SUITES  # noqa: E402
 from crosssim.data.sites import read_labels_csv, write_labels_csv  # noqa: E402
 
 DEFAULT_SHOTS = (1, 5, 10)
 DEFAULT_METHODS = ("fedavg", "crosssim")
 LABEL_FREE_ADAPT = "auto"  # what the few-shot result is compared with
+FEW_SHOT_EVAL_SECONDS = 90  # one evaluation with k = 5 (elpv, 300 target images, 2 cores): auto + 6 fine-tunes
 
 
 def draw_shots(labels: Mapping[str, str], k: int, seed: int) -> list[tuple[str, str]]:
@@ -58,13 +61,26 @@ def few_shot_figures(run: MethodRun, checkpoint: Path, target: Path, target_labe
                                       "few_shot_accuracy", "deployed", "deployed_accuracy")}
 
 
+def load_few_shot(path: Path, suite: str) -> dict[str, Any]:
+    """The suite's few-shot results so far, or an empty document."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        doc = {}
+    if doc.get("suite") != suite or doc.get("protocol") != QUICK.for_suite(suite):
+        doc = {"suite": suite, "protocol": QUICK.for_suite(suite), "shots": [], "runs": {}}
+    return doc
+
+
 def run_few_shot(suite: str, seeds: Sequence[int], methods: Sequence[str], shots: Sequence[int], work: Path,
                  results_dir: Path, crosssim: Crosssim = run_crosssim, prepare=None) -> dict[str, Any]:
-    """Every (seed, method, k) of one suite whose checkpoint exists; writes ``few-shot-<suite>.json``."""
+    """Every (seed, method, k) of one suite whose checkpoint exists, merged into ``few-shot-<suite>.json``."""
     if prepare is None:
         from benchmarks.datasets import prepare_suite as prepare
-    doc: dict[str, Any] = {"suite": suite, "protocol": QUICK.for_suite(suite), "shots": list(shots),
-                           "environment": environment(), "code": code_fingerprint(), "runs": {}, "missing": []}
+    path = Path(results_dir) / f"few-shot-{suite}.json"
+    doc = load_few_shot(path, suite)
+    doc.update({"environment": environment(), "code": code_fingerprint(), "missing": []})
+    doc["shots"] = sorted({*doc["shots"], *shots})
     for seed in seeds:
         sites = prepare(suite, work / QUICK.name / "data" / f"seed-{seed}", seed=seed, size=QUICK.size,
                         limit=QUICK.limit, cache_dir=work / "downloads", progress=None)
@@ -79,11 +95,13 @@ def run_few_shot(suite: str, seeds: Sequence[int], methods: Sequence[str], shots
             run = MethodRun(crosssim, method_dir / "few-shot")
             figures = {str(k): few_shot_figures(run, checkpoint, sites.target_site, sites.target_labels, k, seed,
                                                 run.run_dir, work / "cache") for k in shots}
-            doc["runs"].setdefault(str(seed), {})[method] = {"figures": figures, "commands": run.commands}
+            earlier = doc["runs"].get(str(seed), {}).get(method, {})
+            doc["runs"].setdefault(str(seed), {})[method] = {
+                "figures": {**earlier.get("figures", {}), **figures}, "commands": run.commands,
+                "code": doc["code"], **git_commit()}
             say(f"[{suite} seed {seed}] {method}: " + ", ".join(
                 f"k={k} few-shot {f['few_shot_accuracy']:.3f} vs {f['label_free_method']} "
                 f"{f['label_free_accuracy']:.3f}, deployed {f['deployed']}" for k, f in figures.items()))
-    path = Path(results_dir) / f"few-shot-{suite}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     return doc
@@ -111,8 +129,9 @@ def few_shot_methods(doc: Mapping[str, Any]) -> list[str]:
 
 
 def few_shot_rows(doc: Mapping[str, Any], method: str, k: int) -> list[Mapping[str, Any]]:
-    """The figures of ``method`` with ``k`` shots per class, one per seed."""
-    return [r[method]["figures"][str(k)] for r in doc["runs"].values() if method in r]
+    """The figures of ``method`` with ``k`` shots per class, one per seed that measured them."""
+    return [r[method]["figures"][str(k)] for r in doc["runs"].values()
+            if str(k) in r.get(method, {}).get("figures", {})]
 
 
 def few_shot_values(doc: Mapping[str, Any], method: str, k: int) -> tuple[list[float], list[float]]:

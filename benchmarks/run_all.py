@@ -1,12 +1,16 @@
 """`make bench`: every benchmark, then benchmarks/RESULTS.md regenerated from benchmarks/results/*.json.
 
-1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds, every method measured again
-   (``--resume``: keep what an interrupted run of the same code already saved);
-2. ``benchmarks/perf.py``, then ``benchmarks/load.py``;
-3. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
+1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds, ``BENCH_METHODS`` measured again
+   (``--resume``: keep what an interrupted run of the same code already saved); with ``--ablation`` also the
+   CrossSim ablation rows (``ABLATION_METHODS``) on ``ABLATION_SUITES``;
+2. ``benchmarks/few_shot.py``: k = 5 shots per class on the checkpoints of step 1 (``FEW_SHOT_METHODS`` on
+   ``FEW_SHOT_SUITES``; quick protocol only);
+3. ``benchmarks/perf.py``, ``benchmarks/load.py``, ``benchmarks/serve.py``;
+4. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
    commit, machine and the exact commands, and the figures of ``benchmarks/plots.py`` (benchmarks/figures/).
 
-    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--full] [--work DIR] [--resume] [--report-only]
+    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--full] [--ablation] [--work DIR] [--resume]
+        [--report-only]
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks.accuracy` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.accuracy import (ADAPT_LABELS, ADAPTS, DEFAULT_SEEDS, ESTIMATE_FIGURES, FIGURE_LABELS,  # noqa: E402
-                                 FIGURES, FULL, METHOD_LABELS, METHODS, QUICK, RESULTS_DIR, SUITES, format_stat,
+from benchmarks.accuracy import (ABLATION_METHODS, ABLATION_SUITES, ADAPT_LABELS, ADAPTS,  # noqa: E402
+                                 BENCH_METHODS, DEFAULT_SEEDS, ESTIMATE_FIGURES, FIGURE_LABELS, FIGURES, FULL,
+                                 METHOD_LABELS, METHODS, QUICK, RESULTS_DIR, SUITES, format_stat,
                                  git_commit, load_results, mean_std, paired_difference, results_path, suite_label,
                                  suite_table, summarize)
-from benchmarks.few_shot import few_shot_table  # noqa: E402
+from benchmarks.few_shot import FEW_SHOT_EVAL_SECONDS, few_shot_table  # noqa: E402
 from benchmarks.perf import OVERHEAD  # noqa: E402
 from benchmarks.plots import ACCURACY_PLOT, ESTIMATE_BAND, ESTIMATE_PLOT, FEW_SHOT_PLOT, write_plots  # noqa: E402
 from benchmarks.serve import serve_lines  # noqa: E402
@@ -44,6 +49,11 @@ LOSO_GLOB = "loso-*.json"  # benchmarks/loso_sweep.py
 FEW_SHOT_GLOB = "few-shot-*.json"  # benchmarks/few_shot.py
 BENCH_JOBS = 2  # parallel accuracy tasks: Ray start-up and file I/O of one overlap compute of the other (2 cores)
 FULL_SUITES = ("synthetic-hard", "digits")  # --full: the longer protocol, once (one seed unless --seeds is given)
+# Step 2: issue 12's few-shot suites, k = 5, the default federation only (each evaluation fine-tunes 6 times: 5 folds
+# of the shot check and the deployed model; fedavg too would add as long again).
+FEW_SHOT_SUITES = ("digits", "elpv-mono2poly", "elpv-poly2mono")
+FEW_SHOT_METHODS = ("crosssim",)
+FEW_SHOT_K = 5
 # Durations of the other scripts for the estimate, as measured on 2 CPU cores (their JSON holds no total).
 SCRIPT_SECONDS = {"quick": {"perf.py": 11 * 60, "load.py": 60, "serve.py": 70},
                   "full": {"perf.py": 30 * 60, "load.py": 60, "serve.py": 70}}
@@ -404,15 +414,20 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
 def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[list[str]]:
     """The command lines of every benchmark script, in the order they run."""
     size = "--full" if args.full else "--quick"
-    accuracy = [python, str(BENCH_DIR / "accuracy.py"), "--seeds", str(bench_seeds(args)), "--jobs", str(args.jobs)]
+    seeds = ["--seeds", str(bench_seeds(args))]
+    work = [] if args.work is None else ["--work", str(args.work)]
+    resume = ["--resume"] if args.resume else []
+    accuracy = [python, str(BENCH_DIR / "accuracy.py"), *seeds, "--jobs", str(args.jobs)]
     if args.full:
-        accuracy += [size, "--suites", *FULL_SUITES]
-    if args.work is not None:
-        accuracy += ["--work", str(args.work)]
-    if args.resume:
-        accuracy.append("--resume")
-    return [accuracy, [python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")],
-            [python, str(BENCH_DIR / "serve.py")]]
+        steps = [[*accuracy, size, "--suites", *FULL_SUITES, "--methods", *BENCH_METHODS, *work, *resume]]
+    else:
+        steps = [[*accuracy, "--methods", *BENCH_METHODS, *work, *resume]]
+        if args.ablation:
+            steps.append([*accuracy, "--suites", *ABLATION_SUITES, "--methods", *ABLATION_METHODS, *work, *resume])
+        steps.append([python, str(BENCH_DIR / "few_shot.py"), "--suites", *FEW_SHOT_SUITES, *seeds,
+                      "--methods", *FEW_SHOT_METHODS, "--shots", str(FEW_SHOT_K), *work])
+    return steps + [[python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")],
+                    [python, str(BENCH_DIR / "serve.py")]]
 
 
 def bench_seeds(args: argparse.Namespace) -> int:
@@ -420,26 +435,38 @@ def bench_seeds(args: argparse.Namespace) -> int:
     return args.seeds if args.seeds is not None else (1 if args.full else DEFAULT_SEEDS)
 
 
-def estimate_seconds(args: argparse.Namespace, results_dir: Path = RESULTS_DIR) -> dict[str, float | None]:
-    """Expected seconds of each step of ``make bench``: the accuracy runs from the durations the results JSON
-    recorded for each (suite, method) under this protocol (a pair never run: that method's mean over suites, else
-    every run's mean), times the seeds, spread over the jobs; the other scripts as measured (``SCRIPT_SECONDS``).
-    None: nothing recorded for this protocol."""
+def accuracy_seconds(suites: Sequence[str], methods: Sequence[str], args: argparse.Namespace,
+                     results_dir: Path = RESULTS_DIR) -> float | None:
+    """Expected seconds of one accuracy.py step: the durations the results JSON recorded for each (suite, method)
+    under this protocol (a pair never run: that method's mean over suites, else every run's mean), times the seeds,
+    spread over the jobs. None: nothing recorded for this protocol."""
     protocol = FULL if args.full else QUICK
-    suites = FULL_SUITES if args.full else SUITES
     recorded: dict[tuple[str, str], list[float]] = {}
-    for suite in suites:
+    for suite in SUITES:
         for runs in load_results(results_path(suite, protocol, results_dir), suite, protocol)["runs"].values():
             for method, run in runs.items():
                 if isinstance(run.get("seconds"), (int, float)):
                     recorded.setdefault((suite, method), []).append(float(run["seconds"]))
     every_run = [t for times in recorded.values() for t in times]
     if not every_run:
-        return {"accuracy.py": None, **SCRIPT_SECONDS[protocol.name]}
-    per_method = {m: [t for (_, method), times in recorded.items() if method == m for t in times] for m in METHODS}
-    pairs = [recorded.get((suite, m)) or per_method[m] or every_run for suite in suites for m in METHODS]
-    total = sum(sum(times) / len(times) for times in pairs)
-    return {"accuracy.py": total * bench_seeds(args) / max(args.jobs, 1), **SCRIPT_SECONDS[protocol.name]}
+        return None
+    per_method = {m: [t for (_, method), times in recorded.items() if method == m for t in times] for m in methods}
+    pairs = [recorded.get((suite, m)) or per_method[m] or every_run for suite in suites for m in methods]
+    return sum(sum(times) / len(times) for times in pairs) * bench_seeds(args) / max(args.jobs, 1)
+
+
+def estimate_seconds(args: argparse.Namespace, results_dir: Path = RESULTS_DIR) -> dict[str, float | None]:
+    """Expected seconds of each step of ``make bench`` (``bench_steps``): the accuracy steps from recorded durations
+    (``accuracy_seconds``), few-shot from ``FEW_SHOT_EVAL_SECONDS`` per evaluation, the other scripts as measured
+    (``SCRIPT_SECONDS``)."""
+    if args.full:
+        return {"accuracy.py": accuracy_seconds(FULL_SUITES, BENCH_METHODS, args, results_dir),
+                **SCRIPT_SECONDS["full"]}
+    steps = {"accuracy.py": accuracy_seconds(SUITES, BENCH_METHODS, args, results_dir)}
+    if args.ablation:
+        steps["accuracy.py (ablation)"] = accuracy_seconds(ABLATION_SUITES, ABLATION_METHODS, args, results_dir)
+    evaluations = len(FEW_SHOT_SUITES) * len(FEW_SHOT_METHODS) * bench_seeds(args)
+    return {**steps, "few_shot.py": evaluations * FEW_SHOT_EVAL_SECONDS, **SCRIPT_SECONDS["quick"]}
 
 
 def estimate_line(estimates: Mapping[str, float | None]) -> str:
@@ -458,7 +485,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="the larger protocol, once: full-size sites, more rounds and epochs, on "
                              f"{' and '.join(FULL_SUITES)} (accuracy.py --full), and perf.py --full")
-    parser.add_argument("--work", type=Path, help="accuracy.py work folder (default: its own)")
+    parser.add_argument("--ablation", action="store_true",
+                        help=f"also the CrossSim ablation rows ({' '.join(ABLATION_METHODS)}) on "
+                             f"{' '.join(ABLATION_SUITES)} (quick protocol)")
+    parser.add_argument("--work", type=Path, help="accuracy.py and few_shot.py work folder (default: their own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run (accuracy.py --resume: same code, same protocol)")
     parser.add_argument("--report-only", action="store_true",

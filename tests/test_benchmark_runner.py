@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import accuracy as acc
+from benchmarks import few_shot
 from benchmarks import run_all
 from tests.bench_fakes import CLASSES, HELDOUT, TARGET, TINY, fake_sites, write_csv
 
@@ -252,13 +253,22 @@ def test_results_written_by_the_run_do_not_mark_the_tree_dirty(tmp_path: Path) -
 
 def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
     quick = run_all.bench_steps(run_all.parse_args([]), python="py")
-    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "perf.py", "load.py", "serve.py"]
-    assert "--full" not in quick[0] and "--resume" not in quick[0] and quick[1][2] == "--quick"
+    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "few_shot.py", "perf.py", "load.py", "serve.py"]
+    assert "--full" not in quick[0] and "--resume" not in quick[0] and quick[2][2] == "--quick"
     assert quick[0][2:4] == ["--seeds", str(acc.DEFAULT_SEEDS)]
+    assert quick[0][quick[0].index("--methods") + 1:] == list(acc.BENCH_METHODS)
+    few_shot = quick[1]
+    assert few_shot[few_shot.index("--shots") + 1] == "5" and few_shot[few_shot.index("--seeds") + 1] == "3"
+    ablation = run_all.bench_steps(run_all.parse_args(["--ablation", "--resume", "--work", "w"]), python="py")
+    assert [Path(step[1]).name for step in ablation[:3]] == ["accuracy.py", "accuracy.py", "few_shot.py"]
+    rows = ablation[1]
+    assert rows[rows.index("--methods") + 1:rows.index("--work")] == list(acc.ABLATION_METHODS)
+    assert rows[rows.index("--suites") + 1:rows.index("--methods")] == list(acc.ABLATION_SUITES)
+    assert rows[-3:] == ["--work", "w", "--resume"] and ablation[2][-2:] == ["--work", "w"]
     full = run_all.bench_steps(run_all.parse_args(["--full", "--resume", "--seeds", "2"]), python="py")
     assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--suites",
-                           *run_all.FULL_SUITES, "--resume"]
-    assert full[1][2] == "--full"
+                           *run_all.FULL_SUITES, "--methods", *acc.BENCH_METHODS, "--resume"]
+    assert full[1][2] == "--full"  # no few-shot step with the longer protocol
     once = run_all.bench_steps(run_all.parse_args(["--full"]), python="py")
     assert once[0][2:4] == ["--seeds", "1"]  # the longer protocol runs once unless --seeds says otherwise
 
@@ -266,16 +276,20 @@ def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
 def test_the_estimate_comes_from_recorded_durations_per_suite_and_method(tmp_path: Path) -> None:
     def record(seconds_by_method: dict) -> dict:
         return {m: {"seconds": sec} for m, sec in seconds_by_method.items()}
-    fast = {m: 10.0 for m in acc.METHODS}
+    fast = {m: 10.0 for m in acc.METHODS}  # the ablation rows are recorded too but not part of the default bench
     for suite in acc.SUITES:
         doc = acc.empty_results(suite, acc.QUICK)
         doc["runs"] = {"0": record({**fast, "fedavg": 40.0}), "1": record({**fast, "fedavg": 20.0})}
         acc.save_results(doc, acc.results_path(suite, acc.QUICK, tmp_path))
     args = run_all.parse_args(["--seeds", "3", "--jobs", "2"])
     estimate = run_all.estimate_seconds(args, tmp_path)
-    per_suite = 10.0 * (len(acc.METHODS) - 1) + 30.0  # fedavg: the mean of its two recorded runs
+    per_suite = 10.0 * (len(acc.BENCH_METHODS) - 1) + 30.0  # fedavg: the mean of its two recorded runs
     assert estimate["accuracy.py"] == pytest.approx(per_suite * len(acc.SUITES) * 3 / 2)
+    assert estimate["few_shot.py"] == len(run_all.FEW_SHOT_SUITES) * 3 * few_shot.FEW_SHOT_EVAL_SECONDS
     assert estimate["perf.py"] == run_all.SCRIPT_SECONDS["quick"]["perf.py"]
+    ablation = run_all.estimate_seconds(run_all.parse_args(["--ablation", "--seeds", "3", "--jobs", "2"]), tmp_path)
+    assert ablation["accuracy.py (ablation)"] == pytest.approx(
+        10.0 * len(acc.ABLATION_METHODS) * len(acc.ABLATION_SUITES) * 3 / 2)
     assert run_all.estimate_line(estimate).startswith(f"make bench: about {sum(estimate.values()) / 60:.0f} min")
     unknown = run_all.estimate_seconds(run_all.parse_args(["--full"]), tmp_path)  # no full-protocol runs recorded
     assert unknown["accuracy.py"] is None and "unknown" in run_all.estimate_line(unknown)

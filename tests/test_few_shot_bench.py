@@ -52,3 +52,29 @@ def test_only_existing_checkpoints_are_adapted_and_the_table_compares_side_by_si
     assert "| fake | crosssim | 2 | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 | 1 of 1 |" in table
     assert "| fake | crosssim | 1 | 1 | 0.700 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0 of 1 |" in table
     assert (tmp_path / "results" / "few-shot-fake.json").is_file()
+
+
+def test_a_later_run_replaces_only_the_k_it_measures(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    checkpoint = work / "quick" / "runs" / "fake" / "seed-0" / "crosssim" / "train" / "final.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("stand-in")
+    prepare = lambda name, out, **_: fake_sites(Path(out) / name)  # noqa: E731
+    few_shot.run_few_shot("fake", [0], ["crosssim"], [1, 2], work, tmp_path / "results", crosssim=FakeEvaluate(),
+                          prepare=prepare)
+    path = tmp_path / "results" / "few-shot-fake.json"
+    first = json.loads(path.read_text())["runs"]["0"]["crosssim"]["figures"]
+
+    class Lower(FakeEvaluate):  # the second run's k = 2 figures differ from the first's
+        def __call__(self, argv: list[str], log: Path) -> None:
+            super().__call__(argv, log)
+            out = Path(argv[argv.index("--out") + 1]) / "metrics.json"
+            metrics = json.loads(out.read_text())
+            metrics["few_shot"]["few_shot_accuracy"] = 0.1
+            out.write_text(json.dumps(metrics))
+
+    doc = few_shot.run_few_shot("fake", [0], ["crosssim"], [2], work, tmp_path / "results", crosssim=Lower(),
+                                prepare=prepare)
+    record = json.loads(path.read_text())["runs"]["0"]["crosssim"]
+    assert doc["shots"] == [1, 2] and record["figures"]["1"] == first["1"]
+    assert record["figures"]["2"]["few_shot_accuracy"] == 0.1 and record["code"] == doc["code"]
