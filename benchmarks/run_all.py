@@ -234,10 +234,11 @@ def deployment_table(deployment: Mapping[str, Any]) -> list[str]:
              "for, from the "
              "server's and the sites' wall-clock instants (`RUN/rounds.jsonl`: `timeline`, `site_timings`). "
              "Before: today's rounds on this checkout: two messages a round (train, then evaluate), Flower's 3 s reply "
-             "poll, SuperExec's 1 s poll. "
+             "poll, SuperExec's 1 s poll, each message computed in its own ClientApp process (`--no-site-worker`). "
              "After: this commit's defaults (one message a round plus one final evaluate message, 0.25 s reply "
              "poll and first retry of a reply object not uploaded yet, 0.1 s SuperExec poll, no pydicom import in "
-             "the ClientApp). Both send the weights packed in two arrays (`crosssim/wire.py`). See "
+             "the ClientApp, every message computed by the hospital's resident site worker, so the ClientApp "
+             "process imports no torch). Both send the weights packed in two arrays (`crosssim/wire.py`). See "
              "docs/FLOWER-OVERHEAD.md.", "",
              "| phase | before (s a round) | after (s a round) | after / before |", "|---|---|---|---|"]
     for phase, value in after["mean"].items():
