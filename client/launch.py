@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from client.site_worker import WORKER_SOCKET_ENV
+from client.site_worker import WORKER_SOCKET_ENV, wait_until_listening
 from crosssim.boundary import NODE_CACHE_KEY, NODE_DATA_KEY, NODE_SITE_KEY, NODE_UNLABELED_KEY
 from crosssim.processes import (Children, LaunchError, describe_command, first_free_port, flower_env, key_values,
                                 require_free_port, require_pem, split_address, stop_group, stop_on_sigterm,
@@ -32,7 +32,6 @@ DEFAULT_SUPERNODE_PORT = 9094  # Flower's default port of a SuperNode's own API 
 SUPERNODE_HOST = "127.0.0.1"  # where the SuperNode's own API listens (Flower's default)
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 WORKER_START_TIMEOUT_S = 60.0  # the site worker imports torch and crosssim before it listens
-WORKER_POLL_S = 0.1
 REGISTRATION_RETRY_S = 5.0  # a key the server registers moments after its SuperLink opens: try again this often
 NOT_REGISTERED = "[code: 2004]"
 # What a refused SuperNode prints before Flower's exit 305 (Flower 1.42), and the fix in one line.
@@ -146,14 +145,10 @@ def start_site_worker(children: Children, folder: Path) -> dict[str, str]:
     socket_path = folder / "worker.sock"
     process = children.start([sys.executable, "-m", "client.site_worker", "--socket", str(socket_path)],
                              flower_env())
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while not socket_path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            problem = f"exited with code {process.returncode}" if process.returncode is not None else \
-                f"did not listen within {WORKER_START_TIMEOUT_S:.0f} s"
-            print(f"site worker {problem}: each message is computed in its own ClientApp process", flush=True)
-            return {}
-        time.sleep(WORKER_POLL_S)
+    problem = wait_until_listening(process, socket_path, WORKER_START_TIMEOUT_S)
+    if problem:
+        print(f"site worker {problem}: each message is computed in its own ClientApp process", flush=True)
+        return {}
     return {WORKER_SOCKET_ENV: str(socket_path)}
 
 

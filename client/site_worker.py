@@ -21,7 +21,9 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ FRAME_LENGTH = struct.Struct(">Q")
 REQUEST_FRAMES, REPLY_FRAMES = 3, 3
 OK, REFUSED, FAILED = "ok", "refused", "failed"
 READY_LINE = "site worker ready"
+LISTEN_POLL_S = 0.1
 
 
 class SiteRefused(Exception):
@@ -116,6 +119,18 @@ def call(socket_path: str, kind: str, content: RecordDict, context: Context,
         raise RuntimeError(f"the site worker's {kind} handler failed:\n{outcome['reason']}")
     context.state = _recorddict(state)
     return _recorddict(records)
+
+
+def wait_until_listening(process: subprocess.Popen, socket_path: Path, timeout_s: float) -> str | None:
+    """None once the worker ``process`` has bound ``socket_path``; else why it did not (it exited, or timed out)."""
+    deadline = time.monotonic() + timeout_s
+    while not socket_path.exists():
+        if process.poll() is not None:
+            return f"exited with code {process.returncode}"
+        if time.monotonic() > deadline:
+            return f"did not listen within {timeout_s:.0f} s"
+        time.sleep(LISTEN_POLL_S)
+    return None
 
 
 # ---------------------------------------------------------------- the worker's side

@@ -10,7 +10,7 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, M
 
 from client.app import SITE_REFUSED_CODE
 from client.app import app as client_app
-from client.site_worker import WORKER_SOCKET_ENV, WorkerUnavailable, call, run_handler
+from client.site_worker import WORKER_SOCKET_ENV, WorkerUnavailable, call, run_handler, wait_until_listening
 from crosssim.boundary import (ARRAYS_RECORD, BATCHNORM_STATE_RECORD, COMPUTE_SECONDS, CONFIG_RECORD, METRICS_RECORD,
                                PROTOTYPES_RECORD, ROUND_LAMBDA, ROUND_LR, SERVER_ROUND)
 from crosssim.config import load_config
@@ -38,11 +38,7 @@ def worker_socket(tmp_path_factory):
     path = tmp_path_factory.mktemp("worker") / "worker.sock"
     process = subprocess.Popen([sys.executable, "-m", "client.site_worker", "--socket", str(path)])
     try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while not path.exists():
-            assert process.poll() is None, f"the site worker exited with {process.returncode}"
-            assert time.monotonic() < deadline, "the site worker did not listen"
-            time.sleep(0.1)
+        assert wait_until_listening(process, path, WORKER_START_TIMEOUT_S) is None
         yield str(path)
     finally:
         process.terminate()
