@@ -14,7 +14,7 @@ DOCKER_IMAGE ?= crosssim:smoke
 # `make docker-smoke`: tiny sites (16 images of 32 px each), one round, one local epoch, inside the image
 SMOKE_SETS := --set image-size=32 --set batch-size=8 --set local-epochs=1 --set min-count=2 --set augment=false
 
-.PHONY: venv demo test test-faults bench clean tools docker-smoke
+.PHONY: venv demo test test-faults bench bench-system clean tools docker-smoke
 
 venv: $(STAMP)
 
@@ -40,9 +40,14 @@ test: $(STAMP) tools
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
+# make bench: the methods (accuracy, few-shot); make bench-system: round overhead, load and serving (a quiet machine)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+bench-system: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/run_all.py --system $(BENCH_ARGS)
 
 # Needs a Docker engine (tests/test_docker.py checks docker/ by parsing, without one): builds docker/Dockerfile,
 # then in the image: --help, synth, a 1-round simulate of two hospitals, evaluate of the target.

@@ -9,8 +9,8 @@ For each suite (``benchmarks/datasets.py``) and seed: prepare the sites, then ru
 - ``fedavg``, ``fedprox``, ``fedbn`` and the CrossSim ablation rows (``FEDERATED_METHODS``: fedavg + scanner
   views, the previous prototype-only CrossSim, + scanner views and pair loss, the default with the style bank,
   + the target's style in the loop, the contrastive form): ``crosssim simulate``;
-- every checkpoint above is scored on the whole target with ``crosssim evaluate --labels`` three times:
-  ``--adapt none``, ``adabn`` and ``tent``;
+- every checkpoint above is scored on the whole target by one ``crosssim evaluate --labels --adapt none adabn
+  tent crosssim auto`` (each adaptation in its own folder, as its own ``evaluate`` would write it);
 - ``oracle``: ``crosssim train`` on the labeled half of the target (``oracle/train``), evaluated on the
   target without labels and scored on the other (held-out) half only.
 
@@ -482,21 +482,19 @@ def simulate_argv(sites: Sequence[Path], out: Path, method_flags: Sequence[str],
 
 def evaluate_all(run: MethodRun, checkpoint: Path, sites: SuiteSites, out: Path, cache: Path,
                  protocol: Protocol) -> dict[str, dict[str, Any]]:
-    """Evaluate one checkpoint on the whole target with every adaptation; figures per adaptation.
+    """Evaluate one checkpoint on the whole target with every adaptation (one ``crosssim evaluate --adapt`` of
+    them all: the model and the site load once, auto reuses the others); figures per adaptation.
 
     Also scores the held-out oracle half from the same predictions, so methods and oracle compare on one set.
     """
     classes = list(sites.classes)
     heldout = read_labels_csv(sites.oracle_test_labels)
     figures = {}
+    run(["evaluate", "--checkpoint", str(checkpoint), "--data", str(sites.target_site),
+         "--labels", str(sites.target_labels), "--out", str(out / "eval"), "--cache", str(cache),
+         "--adapt", *ADAPTS, "--set", f"tent-steps={protocol.tent_steps}"])
     for adapt in ADAPTS:
-        eval_dir = out / f"eval-{adapt}"
-        argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(sites.target_site),
-                "--labels", str(sites.target_labels), "--out", str(eval_dir), "--cache", str(cache),
-                "--adapt", adapt]
-        if adapt == "tent":
-            argv += ["--set", f"tent-steps={protocol.tent_steps}"]
-        run(argv)
+        eval_dir = out / "eval" / adapt
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         row = figures_from_metrics(metrics)
         half = score_on_labels(read_predictions(eval_dir / "predictions.csv"), heldout, classes,

@@ -1,16 +1,18 @@
-"""`make bench`: every benchmark, then benchmarks/RESULTS.md regenerated from benchmarks/results/*.json.
+"""`make bench`: the method benchmarks, then benchmarks/RESULTS.md regenerated from benchmarks/results/*.json.
 
 1. ``benchmarks/accuracy.py`` on every suite at quick size, 3 seeds, ``BENCH_METHODS`` measured again
    (``--resume``: keep what an interrupted run of the same code already saved); with ``--ablation`` also the
    CrossSim ablation rows (``ABLATION_METHODS``) on ``ABLATION_SUITES``;
 2. ``benchmarks/few_shot.py``: k = 5 shots per class on the checkpoints of step 1 (``FEW_SHOT_METHODS`` on
    ``FEW_SHOT_SUITES``; quick protocol only);
-3. ``benchmarks/perf.py``, ``benchmarks/load.py``, ``benchmarks/serve.py``;
-4. ``write_results_md()``: tables of every accuracy-*.json (mean ± std over seeds), load.json, the date,
-   commit, machine and the exact commands, and the figures of ``benchmarks/plots.py`` (benchmarks/figures/).
+3. ``write_results_md()``: tables of every results JSON (mean ± std over seeds), the date, commit, machine and
+   the exact commands, and the figures of ``benchmarks/plots.py`` (benchmarks/figures/).
 
-    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--full] [--ablation] [--work DIR] [--resume]
-        [--report-only]
+``make bench-system`` (``--system``) runs the system benchmarks instead, which time the machine and want it
+quiet: ``benchmarks/perf.py``, ``benchmarks/load.py``, ``benchmarks/serve.py``; then step 3.
+
+    .venv/bin/python benchmarks/run_all.py [--seeds 3] [--jobs 2] [--full] [--ablation] [--system] [--work DIR]
+        [--resume] [--report-only]
 """
 
 from __future__ import annotations
@@ -413,8 +415,11 @@ def write_results_md(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, **
 
 
 def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[list[str]]:
-    """The command lines of every benchmark script, in the order they run."""
+    """The command lines of the method benchmarks (``--system``: of the system ones), in the order they run."""
     size = "--full" if args.full else "--quick"
+    if args.system:
+        return [[python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")],
+                [python, str(BENCH_DIR / "serve.py")]]
     seeds = ["--seeds", str(bench_seeds(args))]
     work = [] if args.work is None else ["--work", str(args.work)]
     resume = ["--resume"] if args.resume else []
@@ -427,8 +432,7 @@ def bench_steps(args: argparse.Namespace, python: str = sys.executable) -> list[
             steps.append([*accuracy, "--suites", *ABLATION_SUITES, "--methods", *ABLATION_METHODS, *work, *resume])
         steps.append([python, str(BENCH_DIR / "few_shot.py"), "--suites", *FEW_SHOT_SUITES, *seeds,
                       "--methods", *FEW_SHOT_METHODS, "--shots", str(FEW_SHOT_K), *work])
-    return steps + [[python, str(BENCH_DIR / "perf.py"), size], [python, str(BENCH_DIR / "load.py")],
-                    [python, str(BENCH_DIR / "serve.py")]]
+    return steps
 
 
 def bench_seeds(args: argparse.Namespace) -> int:
@@ -460,14 +464,15 @@ def estimate_seconds(args: argparse.Namespace, results_dir: Path = RESULTS_DIR) 
     """Expected seconds of each step of ``make bench`` (``bench_steps``): the accuracy steps from recorded durations
     (``accuracy_seconds``), few-shot from ``FEW_SHOT_EVAL_SECONDS`` per evaluation, the other scripts as measured
     (``SCRIPT_SECONDS``)."""
+    if args.system:
+        return dict(SCRIPT_SECONDS["full" if args.full else "quick"])
     if args.full:
-        return {"accuracy.py": accuracy_seconds(FULL_SUITES, BENCH_METHODS, args, results_dir),
-                **SCRIPT_SECONDS["full"]}
+        return {"accuracy.py": accuracy_seconds(FULL_SUITES, BENCH_METHODS, args, results_dir)}
     steps = {"accuracy.py": accuracy_seconds(SUITES, BENCH_METHODS, args, results_dir)}
     if args.ablation:
         steps["accuracy.py (ablation)"] = accuracy_seconds(ABLATION_SUITES, ABLATION_METHODS, args, results_dir)
     evaluations = len(FEW_SHOT_SUITES) * len(FEW_SHOT_METHODS) * bench_seeds(args)
-    return {**steps, "few_shot.py": evaluations * FEW_SHOT_EVAL_SECONDS, **SCRIPT_SECONDS["quick"]}
+    return {**steps, "few_shot.py": evaluations * FEW_SHOT_EVAL_SECONDS}
 
 
 def estimate_line(estimates: Mapping[str, float | None]) -> str:
@@ -476,7 +481,7 @@ def estimate_line(estimates: Mapping[str, float | None]) -> str:
     known = [sec for sec in estimates.values() if sec is not None]
     whole = "unknown (no recorded accuracy runs of this protocol)" if len(known) < len(estimates) else \
         f"about {sum(known) / 60:.0f} min"
-    return f"make bench: {whole} ({', '.join(parts)}; from the durations in benchmarks/results/)"
+    return f"this benchmark run: {whole} ({', '.join(parts)}; from the durations in benchmarks/results/)"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -485,10 +490,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=BENCH_JOBS, help=f"parallel accuracy tasks (default {BENCH_JOBS})")
     parser.add_argument("--full", action="store_true",
                         help="the larger protocol, once: full-size sites, more rounds and epochs, on "
-                             f"{' and '.join(FULL_SUITES)} (accuracy.py --full), and perf.py --full")
+                             f"{' and '.join(FULL_SUITES)} (accuracy.py --full); with --system perf.py --full")
     parser.add_argument("--ablation", action="store_true",
                         help=f"also the CrossSim ablation rows ({' '.join(ABLATION_METHODS)}) on "
                              f"{' '.join(ABLATION_SUITES)} (quick protocol)")
+    parser.add_argument("--system", action="store_true",
+                        help="the system benchmarks instead (make bench-system): perf.py (with --full: its longer "
+                             "form), load.py and serve.py; they time the machine, so run them with nothing else "
+                             "running")
     parser.add_argument("--work", type=Path, help="accuracy.py and few_shot.py work folder (default: their own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run (accuracy.py --resume: same code, same protocol)")

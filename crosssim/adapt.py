@@ -28,6 +28,7 @@ from crosssim.adapt_options import ADAPT_BATCH_SIZE
 from crosssim.config import AdaptConfig
 from crosssim.model import INFERENCE_BATCH_SIZE, CrossSimNet, batchnorm_modules
 from crosssim.prototypes import Prototypes
+from crosssim.train import infer
 
 CENTROID_ITERATIONS = 2  # nearest-centroid assignments (k-means steps) per pseudo-labelling
 PRIOR_FLOOR = 1e-3  # smallest class prevalence the diversity term compares against
@@ -257,3 +258,32 @@ def adapt_copy(model: CrossSimNet, images: torch.Tensor, method: str, device: to
         return crosssim_adapt(adapted, images, device, prototypes=prototypes,
                               prior=class_prior(prevalence, model.num_classes), settings=settings, seed=seed)
     raise ValueError(f"unknown adaptation {method!r} (known: none, adabn, tent, crosssim; auto: adapt_choice)")
+
+
+class AdaptedCopies:
+    """``adapt_copy`` of one model to one site's images, made once per method, with its predictions.
+
+    ``--adapt auto`` and the AdaBN reference of tent and crosssim reuse what an earlier adaptation of the same
+    evaluation made. Callers only predict with the copies; they never train them further.
+    """
+
+    def __init__(self, model: CrossSimNet, images: torch.Tensor, device: torch.device, *,
+                 settings: AdaptConfig | None = None, prototypes: Prototypes | None = None,
+                 prevalence: torch.Tensor | None = None, seed: int = 0) -> None:
+        self.model, self.images, self.device = model, images, device
+        self.settings = settings or AdaptConfig()
+        self._kwargs = {"settings": self.settings, "prototypes": prototypes, "prevalence": prevalence, "seed": seed}
+        self._models: dict[str, CrossSimNet] = {}
+        self._predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def model_for(self, method: str) -> CrossSimNet:
+        """The copy adapted with ``method`` (none, adabn, tent or crosssim)."""
+        if method not in self._models:
+            self._models[method] = adapt_copy(self.model, self.images, method, self.device, **self._kwargs)
+        return self._models[method]
+
+    def predictions(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``infer`` of that copy on the site's images: (probabilities, embeddings)."""
+        if method not in self._predictions:
+            self._predictions[method] = infer(self.model_for(method), self.images, self.device)
+        return self._predictions[method]

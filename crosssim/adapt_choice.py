@@ -18,12 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosssim.adapt import adapt_copy
-from crosssim.config import AdaptConfig
+from crosssim.adapt import AdaptedCopies
 from crosssim.metrics import top1_agreement
 from crosssim.model import CrossSimNet
-from crosssim.prototypes import Prototypes
-from crosssim.train import infer
 
 AUTO_MIN_IMAGES = 32  # target images needed before BatchNorm statistics are re-estimated
 AUTO_MIN_AGREEMENT = 0.6  # top-1 agreement with the AdaBN model below this: the adaptation drifted
@@ -60,26 +57,23 @@ class AdaptationChoice:
         return {"chosen": self.method, "reason": self.reason, "checks": self.checks}
 
 
-def choose_adaptation(model: CrossSimNet, images: torch.Tensor, device: torch.device, *, settings: AdaptConfig,
-                      prototypes: Prototypes, prevalence: torch.Tensor | None, seed: int = 0) -> AdaptationChoice:
-    """Apply the rule of this module's docstring to a copy of ``model``."""
+def choose_adaptation(copies: AdaptedCopies) -> AdaptationChoice:
+    """Apply the rule of this module's docstring to the site's ``copies`` of the model."""
+    images = copies.images
     if len(images) < AUTO_MIN_IMAGES:
-        return AdaptationChoice(adapt_copy(model, images, "none", device), "none",
+        return AdaptationChoice(copies.model_for("none"), "none",
                                 f"{len(images)} images < {AUTO_MIN_IMAGES}: too few to re-estimate BatchNorm")
-    kwargs = {"settings": settings, "prototypes": prototypes, "prevalence": prevalence, "seed": seed}
-    reference = adapt_copy(model, images, "adabn", device)
-    reference_probs = infer(reference, images, device)[0]
+    reference_probs = copies.predictions("adabn")[0]
     checks: dict[str, dict[str, Any]] = {}
     for method in AUTO_CANDIDATES:
-        candidate = adapt_copy(model, images, method, device, **kwargs)
-        checks[method] = degeneracy_checks(infer(candidate, images, device)[0].numpy(), reference_probs.numpy())
+        checks[method] = degeneracy_checks(copies.predictions(method)[0].numpy(), reference_probs.numpy())
         if not checks[method]["degenerate"]:
             figures = checks[method]
-            return AdaptationChoice(candidate, method,
+            return AdaptationChoice(copies.model_for(method), method,
                                     f"{method}: agreement with AdaBN {figures['agreement_with_adabn']:.2f} "
                                     f">= {AUTO_MIN_AGREEMENT}, effective classes "
                                     f"{figures['effective_class_ratio']:.2f} "
                                     f"x AdaBN's >= {AUTO_MIN_CLASS_RATIO}", checks, reference_probs)
-    return AdaptationChoice(reference, "adabn", "fallback: " + "; ".join(
+    return AdaptationChoice(copies.model_for("adabn"), "adabn", "fallback: " + "; ".join(
         f"{m} degenerate (agreement {c['agreement_with_adabn']:.2f}, classes x{c['effective_class_ratio']:.2f})"
         for m, c in checks.items()), checks, reference_probs)

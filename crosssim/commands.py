@@ -28,11 +28,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from crosssim.evaluate import evaluate_site
+    from crosssim.evaluate import evaluate_adaptations
 
-    evaluate_site(args.checkpoint, args.data, args.out, labels_csv=args.labels, cache_dir=args.cache,
-                  device_name=args.device, adapt=args.adapt, adapt_overrides=parse_set(args.set),
-                  shots_csv=args.shots, save_adapted=args.save_adapted)
+    adapts = list(dict.fromkeys(args.adapt))  # repeated names once, in the order given
+    out = Path(args.out)
+    out_dirs = {adapt: out if len(adapts) == 1 else out / adapt for adapt in adapts}
+    evaluate_adaptations(args.checkpoint, args.data, out_dirs, labels_csv=args.labels, cache_dir=args.cache,
+                         device_name=args.device, adapt_overrides=parse_set(args.set), shots_csv=args.shots,
+                         save_adapted=args.save_adapted)
     return 0
 
 
@@ -100,14 +103,16 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     evaluate.add_argument("--out", required=True, metavar="DIR", help="folder for predictions, metrics and report")
     evaluate.add_argument("--cache", metavar="DIR", help="hospital-side tensor cache")
     evaluate.add_argument("--device", help="auto | cpu | cuda (default: the checkpoint config's device)")
-    evaluate.add_argument("--adapt", choices=ADAPT_METHODS, default="none",
+    evaluate.add_argument("--adapt", choices=ADAPT_METHODS, nargs="+", default=["none"], metavar="METHOD",
                           help="label-free adaptation of a copy of the model to the site's images: none; adabn "
                                "(re-estimate BatchNorm statistics); tent (entropy minimization on BatchNorm affine "
                                "parameters, then adabn); crosssim (adabn, then SHOT-style training of the feature "
                                "layers toward the sources' class prevalence and the global prototypes, head "
                                "frozen); auto (crosssim, else tent, else adabn, whichever first passes the "
                                "degeneracy checks of crosssim/adapt_choice.py; none below 32 images). metrics.json "
-                               "and the report say which was used and why. Default: none")
+                               "and the report say which was used and why. Several methods (e.g. --adapt none "
+                               "adabn auto) compare them in one run: OUT/METHOD/ each, the model and the site "
+                               "loaded once and each adaptation made once (auto reuses the others). Default: none")
     evaluate.add_argument("--shots", metavar="CSV",
                           help="few-shot adaptation: 'path,label' rows of 1-20 labeled target images per class; "
                                "the few-shot model is the one written unless cross-validation on the shots "

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosssim.adapt import adapt_copy, few_shot_adapt
+from crosssim.adapt import AdaptedCopies, few_shot_adapt
 from crosssim.adapt_choice import choose_adaptation
 from crosssim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crosssim.config import FIELD_INDEX, AdaptConfig, ConfigError, apply_overrides
-from crosssim.data.shots import load_shots
+from crosssim.data.shots import Shots, load_shots
 from crosssim.data.sites import SiteData, load_labels_for, load_site
 from crosssim.few_shot_check import FEW_SHOT, check_few_shot
 from crosssim.fileio import atomic_write_text
@@ -163,23 +163,24 @@ class Deployed:
     reference_probs: torch.Tensor | None = None
 
 
-def adapt_for_site(ckpt: Checkpoint, model: torch.nn.Module, images: torch.Tensor, adapt: str,
-                   settings: AdaptConfig, device: torch.device) -> Deployed:
-    """Adapt a copy of ``model`` with ``adapt`` (``auto`` by ``crosssim.adapt_choice``); the source stays intact."""
-    kwargs: dict[str, Any] = {"settings": settings, "prototypes": ckpt.prototypes, "seed": ckpt.config.seed,
-                              "prevalence": None if ckpt.source is None else torch.as_tensor(ckpt.source.prevalence)}
+def site_copies(ckpt: Checkpoint, model: torch.nn.Module, images: torch.Tensor, settings: AdaptConfig,
+                device: torch.device) -> AdaptedCopies:
+    """The adapted copies of ``model`` for one site, with the checkpoint's prototypes, prevalence and seed."""
+    return AdaptedCopies(model, images, device, settings=settings, prototypes=ckpt.prototypes, seed=ckpt.config.seed,
+                         prevalence=None if ckpt.source is None else torch.as_tensor(ckpt.source.prevalence))
+
+
+def adapt_for_site(copies: AdaptedCopies, adapt: str) -> Deployed:
+    """The copy adapted with ``adapt`` (``auto`` by ``crosssim.adapt_choice``); the source stays intact."""
     record: dict[str, Any] = {"method": adapt}
     if adapt in ("tent", "crosssim", "auto"):
-        record["settings"] = {k.replace("_", "-"): v for k, v in dataclasses.asdict(settings).items()}
+        record["settings"] = {k.replace("_", "-"): v for k, v in dataclasses.asdict(copies.settings).items()}
     if adapt == "auto":
-        choice = choose_adaptation(model, images, device, **kwargs)
+        choice = choose_adaptation(copies)
         record.update({"method": choice.method, "requested": "auto", "auto": choice.record()})
         return Deployed(choice.model, record, choice.reference_probs)
-    adapted = adapt_copy(model, images, adapt, device, **kwargs)
-    reference = None
-    if adapt in ("tent", "crosssim"):
-        reference = infer(adapt_copy(model, images, "adabn", device), images, device)[0]
-    return Deployed(adapted, record, reference)
+    reference = copies.predictions("adabn")[0] if adapt in ("tent", "crosssim") else None
+    return Deployed(copies.model_for(adapt), record, reference)
 
 
 def reference_estimates(probs: np.ndarray, reference_probs: np.ndarray, ckpt: Checkpoint) -> dict[str, float]:
@@ -207,17 +208,43 @@ def deployed_estimate(label_free: dict[str, Any], deployed_as: str) -> dict[str,
             "estimated_interval": label_free[f"{estimator}_interval"]}
 
 
-def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: str | Path, *,
-                  labels_csv: str | Path | None = None, cache_dir: str | Path | None = None,
-                  device_name: str | None = None, adapt: str = "none",
-                  adapt_overrides: Mapping[str, Any] | None = None, shots_csv: str | Path | None = None,
-                  save_adapted: str | Path | None = None, progress: Progress = print) -> dict[str, Any]:
+@dataclass
+class SiteInputs:
+    """What every adaptation of one evaluation shares: the checkpoint, the site, its labels and shots."""
+
+    checkpoint_path: str | Path
+    ckpt: Checkpoint
+    site: SiteData
+    device: torch.device
+    copies: AdaptedCopies
+    target_figures: dict[str, float]
+    y_true_all: np.ndarray | None
+    shots: Shots | None
+    shots_csv: str | Path | None
+    scored: np.ndarray  # bool per image: False for a shot image
+
+
+def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: str | Path, *, adapt: str = "none",
+                  **kwargs: Any) -> dict[str, Any]:
     """Predict every image of ``data_dir`` (after optional adaptation); write predictions, metrics, report.
 
     With ``shots_csv`` the few-shot model is the one deployed (predictions.csv); the label-free ``adapt``
-    result is reported beside it, and shot images are never scored.
+    result is reported beside it, and shot images are never scored. Keywords: those of ``evaluate_adaptations``.
     """
-    if save_adapted is not None and adapt == "none" and shots_csv is None:
+    return evaluate_adaptations(checkpoint_path, data_dir, {adapt: Path(out_dir)}, **kwargs)[adapt]
+
+
+def evaluate_adaptations(checkpoint_path: str | Path, data_dir: str | Path, out_dirs: Mapping[str, Path], *,
+                         labels_csv: str | Path | None = None, cache_dir: str | Path | None = None,
+                         device_name: str | None = None, adapt_overrides: Mapping[str, Any] | None = None,
+                         shots_csv: str | Path | None = None, save_adapted: str | Path | None = None,
+                         progress: Progress = print) -> dict[str, dict[str, Any]]:
+    """``evaluate_site`` for each adaptation of ``out_dirs`` (adaptation → its output folder), loading the model
+    and the site once and adapting each copy once (``auto`` reuses crosssim, tent and AdaBN). The metrics of each
+    adaptation equal those of its own ``evaluate_site``."""
+    if (save_adapted is not None or shots_csv is not None) and len(out_dirs) != 1:
+        raise ValueError("--save-adapted and --shots take a single --adapt")
+    if save_adapted is not None and "none" in out_dirs and shots_csv is None:
         raise ValueError("--save-adapted needs --adapt (adabn, tent, crosssim or auto) or --shots")
     if save_adapted is not None and Path(save_adapted).resolve() == Path(checkpoint_path).resolve():
         raise ValueError(f"{save_adapted}: --save-adapted must not overwrite the source checkpoint")
@@ -237,11 +264,24 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
     seed_everything(ckpt.config.seed)
     source_model = ckpt.build_model()
     _, _, target_figures = forward_with_figures(source_model, site.images, ckpt.prototypes, device)
+    inputs = SiteInputs(checkpoint_path, ckpt, site, device, site_copies(ckpt, source_model, site.images, settings,
+                                                                           device),
+                        target_figures, y_true_all, shots, shots_csv, scored)
+    return {adapt: evaluate_adaptation(inputs, adapt, Path(out_dir), save_adapted=save_adapted, progress=progress)
+            for adapt, out_dir in out_dirs.items()}
+
+
+def evaluate_adaptation(inputs: SiteInputs, adapt: str, out_dir: Path, *, save_adapted: str | Path | None = None,
+                        progress: Progress = print) -> dict[str, Any]:
+    """One adaptation of ``evaluate_adaptations``: adapt, predict, estimate, score; write its three files."""
+    ckpt, site, device, copies, shots, scored = (inputs.ckpt, inputs.site, inputs.device, inputs.copies,
+                                                 inputs.shots, inputs.scored)
+    source_model = copies.model
     if progress and adapt != "none":
         progress(f"adapting a copy of the model to {len(site)} images ({adapt}) ...")
-    deployed = adapt_for_site(ckpt, source_model, site.images, adapt, settings, device)
-    adaptation = {**deployed.record, "site": site.name, "source_checkpoint": str(checkpoint_path)}
-    label_free_probs_t, embeddings_t = infer(deployed.model, site.images, device)
+    deployed = adapt_for_site(copies, adapt)
+    adaptation = {**deployed.record, "site": site.name, "source_checkpoint": str(inputs.checkpoint_path)}
+    label_free_probs_t, embeddings_t = copies.predictions(adaptation["method"])
     label_free_probs = label_free_probs_t.numpy()
     few_shot: dict[str, Any] | None = None
     if shots is not None:
@@ -251,15 +291,15 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
         def few_shot_model(positions: torch.Tensor) -> torch.nn.Module:
             """The few-shot model trained on the shots at ``positions``."""
             return few_shot_adapt(copy.deepcopy(source_model), site.images, shots.index[positions],
-                                  shots.labels[positions], device, prototypes=ckpt.prototypes, settings=settings,
-                                  seed=ckpt.config.seed)
+                                  shots.labels[positions], device, prototypes=ckpt.prototypes,
+                                  settings=copies.settings, seed=ckpt.config.seed)
 
         shot_images = site.images[shots.index]
         check = check_few_shot(lambda positions: infer(few_shot_model(positions), shot_images, device)[0].argmax(1),
                                shots.labels, label_free_probs_t[shots.index].argmax(1), ckpt.config.seed)
         few_model = few_shot_model(torch.arange(len(shots.index)))
         few_probs_t, few_embeddings_t = infer(few_model, site.images, device)
-        few_shot = {"shots_csv": str(shots_csv), "shots_per_class": shots.per_class,
+        few_shot = {"shots_csv": str(inputs.shots_csv), "shots_per_class": shots.per_class,
                     "n_shots": int(len(shots.index)), "n_scored": int(scored.sum()),
                     "label_free_method": adaptation["method"], "deployed": check.deployed, "check": check.record()}
         adaptation["few_shot"] = {k: few_shot[k] for k in ("shots_csv", "shots_per_class", "deployed")}
@@ -275,15 +315,15 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
     if few_shot_deployed:
         probs, embeddings_t = few_probs_t.numpy(), few_embeddings_t
         if reference_probs is None:  # label-free none or adabn: the AdaBN model is that one, or is made now
-            reference_probs = label_free_probs_t if adaptation["method"] == "adabn" else \
-                infer(adapt_copy(source_model, site.images, "adabn", device), site.images, device)[0]
-    label_free = label_free_metrics(probs[scored], ckpt, target_figures)
+            reference_probs = copies.predictions("adabn")[0]
+    label_free = label_free_metrics(probs[scored], ckpt, inputs.target_figures)
     if reference_probs is not None:
         label_free.update(reference_estimates(probs[scored], reference_probs.numpy()[scored], ckpt))
     label_free.update(deployed_estimate(label_free, FEW_SHOT if few_shot_deployed else adaptation["method"]))
-    metrics: dict[str, Any] = {"checkpoint": str(checkpoint_path), "site": site.name, "adaptation": adaptation,
-                               "label_free": label_free, "data_report": site.report.to_dict()}
-    y_true = None if y_true_all is None else y_true_all[scored]
+    metrics: dict[str, Any] = {"checkpoint": str(inputs.checkpoint_path), "site": site.name,
+                               "adaptation": adaptation, "label_free": label_free,
+                               "data_report": site.report.to_dict()}
+    y_true = None if inputs.y_true_all is None else inputs.y_true_all[scored]
     if y_true is not None:
         labeled = labeled_metrics(probs[scored], y_true, ckpt.classes)
         labeled.update(estimate_errors(metrics["label_free"], labeled))
@@ -295,7 +335,6 @@ def evaluate_site(checkpoint_path: str | Path, data_dir: str | Path, out_dir: st
             few_shot["deployed_accuracy"] = metrics["labeled"]["accuracy"]
         metrics["few_shot"] = few_shot
     metrics = json_safe(metrics)
-    out_dir = Path(out_dir)
     atomic_write_text(out_dir / "predictions.csv", predictions_csv(site, probs, ckpt.classes))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     write_report(out_dir / "report.html", ReportData(metrics, ckpt.classes, list(np.array(site.paths)[scored]),

@@ -218,7 +218,7 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, adapt: str
     """Write ``out_dir``'s serving files for ``checkpoint_path`` (adapted to / calibrated on ``data_dir``)."""
     from crosssim.checkpoint import load_checkpoint
     from crosssim.data.sites import load_site
-    from crosssim.evaluate import adapt_for_site, adapt_settings, json_safe
+    from crosssim.evaluate import adapt_for_site, adapt_settings, json_safe, site_copies
     from crosssim.metrics import atc_threshold
     from crosssim.shift import ALARM_FACTORS
     from crosssim.train import resolve_device, seed_everything
@@ -241,7 +241,7 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, adapt: str
             progress(f"adapting a copy of the model to {len(site)} images ({adapt}) ...")
         seed_everything(ckpt.config.seed)
         device = resolve_device(device_name or ckpt.config.train.device)
-        deployed = adapt_for_site(ckpt, model, site.images, adapt, adapt_settings(ckpt, None), device)
+        deployed = adapt_for_site(site_copies(ckpt, model, site.images, adapt_settings(ckpt, None), device), adapt)
         model = deployed.model
         adaptation = {**deployed.record, "site": site.name, "n_images": len(site)}
     out_dir = Path(out_dir)

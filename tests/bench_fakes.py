@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 from benchmarks import accuracy as acc
@@ -34,3 +35,10 @@ def fake_sites(root: Path) -> SuiteSites:
     return SuiteSites("fake", CLASSES, sources, target,
                       write_labels_csv(root / "sites" / "target_labels.csv", TARGET), root / "oracle" / "train",
                       write_labels_csv(root / "oracle" / "test_labels.csv", HELDOUT))
+
+
+def evaluate_out_dirs(argv: list[str]) -> dict[str, Path]:
+    """{adaptation: folder} of a faked ``crosssim evaluate`` argv, laid out as the real command writes them."""
+    out = Path(argv[argv.index("--out") + 1])
+    adapts = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[argv.index("--adapt") + 1:]))
+    return {adapts[0]: out} if len(adapts) == 1 else {adapt: out / adapt for adapt in adapts}

@@ -1,16 +1,18 @@
 import hashlib
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from crosssim import adapt as adapt_module
 from crosssim import adapt_choice, evaluate
-from crosssim.adapt import adapt_copy, class_prior, nearest_centroid_labels
+from crosssim.adapt import AdaptedCopies, adapt_copy, class_prior, nearest_centroid_labels
 from crosssim.adapt_choice import degeneracy_checks
 from crosssim.checkpoint import load_checkpoint
 from crosssim.config import AdaptConfig, ConfigError
 from crosssim.data.sites import SiteError, load_site, read_labels_csv, write_labels_csv
-from crosssim.evaluate import deployed_estimate, evaluate_site, reference_estimates
+from crosssim.evaluate import deployed_estimate, evaluate_adaptations, evaluate_site, reference_estimates
 from crosssim.few_shot_check import LABEL_FREE, ShotCheck
 from crosssim.metrics import atc_threshold
 from crosssim.model import batchnorm_modules, batchnorm_state_keys
@@ -90,6 +92,26 @@ def test_evaluate_never_modifies_the_source_checkpoint(eval_tiny_run, tmp_path, 
     assert _sha256(eval_tiny_run.checkpoint) == digest
 
 
+def test_evaluating_several_adaptations_at_once_equals_one_run_each(eval_tiny_run, tmp_path):
+    methods = ["none", "adabn", "tent", "crosssim", "auto"]
+    common = {"labels_csv": eval_tiny_run.target_labels, "adapt_overrides": {"tent-steps": 2},
+              "cache_dir": eval_tiny_run.cache_dir, "progress": None}
+    together = evaluate_adaptations(eval_tiny_run.checkpoint, eval_tiny_run.target_dir,
+                                    {m: tmp_path / "together" / m for m in methods}, **common)
+    for method in methods:
+        alone = evaluate_site(eval_tiny_run.checkpoint, eval_tiny_run.target_dir, tmp_path / "alone" / method,
+                              adapt=method, **common)
+        for metrics in (together[method], alone):
+            metrics["data_report"].pop("load_seconds")
+        assert together[method] == json.loads(json.dumps(alone)), method
+        assert (tmp_path / "together" / method / "predictions.csv").read_text() == \
+            (tmp_path / "alone" / method / "predictions.csv").read_text()
+    with pytest.raises(ValueError, match="single --adapt"):
+        evaluate_adaptations(eval_tiny_run.checkpoint, eval_tiny_run.target_dir,
+                             {m: tmp_path / "x" / m for m in methods[:2]}, save_adapted=tmp_path / "a.pt",
+                             progress=None)
+
+
 def _classifier_and_projection_keys(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.startswith(("classifier.", "projection."))}
 
@@ -137,7 +159,7 @@ def test_degeneracy_checks_on_hand_made_predictions():
 
 def test_auto_falls_back_to_adabn_when_every_candidate_collapses(source_and_target, monkeypatch):
     ckpt, images = source_and_target
-    real_adapt_copy = adapt_choice.adapt_copy
+    real_adapt_copy = adapt_module.adapt_copy
 
     def collapsing(model, images, method, device, **kwargs):
         adapted = real_adapt_copy(model, images, method, device, **kwargs)
@@ -147,15 +169,34 @@ def test_auto_falls_back_to_adabn_when_every_candidate_collapses(source_and_targ
                 adapted.classifier.bias.copy_(torch.arange(len(ckpt.classes), 0, -1).float())
         return adapted
 
-    monkeypatch.setattr(adapt_choice, "adapt_copy", collapsing)
-    choice = adapt_choice.choose_adaptation(ckpt.build_model(), images, CPU, settings=AdaptConfig(shot_epochs=1),
-                                            prototypes=ckpt.prototypes, prevalence=None, seed=0)
+    monkeypatch.setattr(adapt_module, "adapt_copy", collapsing)
+    choice = adapt_choice.choose_adaptation(AdaptedCopies(ckpt.build_model(), images, CPU,
+                                                          settings=AdaptConfig(shot_epochs=1),
+                                                          prototypes=ckpt.prototypes, seed=0))
     assert choice.method == "adabn" and choice.reason.startswith("fallback")
     assert set(choice.checks) == set(adapt_choice.AUTO_CANDIDATES)
     assert all(c["degenerate"] for c in choice.checks.values())
-    few = adapt_choice.choose_adaptation(ckpt.build_model(), images[:adapt_choice.AUTO_MIN_IMAGES - 1], CPU,
-                                         settings=AdaptConfig(), prototypes=ckpt.prototypes, prevalence=None)
+    few = adapt_choice.choose_adaptation(AdaptedCopies(ckpt.build_model(), images[:adapt_choice.AUTO_MIN_IMAGES - 1],
+                                                       CPU, prototypes=ckpt.prototypes))
     assert few.method == "none"
+
+
+def test_adapted_copies_make_each_adaptation_once(source_and_target, monkeypatch):
+    ckpt, images = source_and_target
+    made = []
+    real_adapt_copy = adapt_module.adapt_copy
+
+    def counting(model, images, method, device, **kwargs):
+        made.append(method)
+        return real_adapt_copy(model, images, method, device, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "adapt_copy", counting)
+    copies = AdaptedCopies(ckpt.build_model(), images, CPU, settings=AdaptConfig(tent_steps=2), seed=0)
+    first = copies.predictions("tent")[0]
+    assert copies.model_for("tent") is copies.model_for("tent")
+    assert torch.equal(copies.predictions("tent")[0], first) and made == ["tent"]
+    copies.predictions("adabn")
+    assert made == ["tent", "adabn"]
 
 
 def test_reference_estimates_reproduce_hand_computed_agreement_and_atc(source_and_target):

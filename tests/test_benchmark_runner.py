@@ -15,7 +15,7 @@ import pytest
 from benchmarks import accuracy as acc
 from benchmarks import few_shot
 from benchmarks import run_all
-from tests.bench_fakes import CLASSES, HELDOUT, TARGET, TINY, fake_sites, write_csv
+from tests.bench_fakes import CLASSES, HELDOUT, TARGET, TINY, evaluate_out_dirs, fake_sites, write_csv
 
 class FakeCrosssim:
     """Stands in for ``crosssim.cli.main``: every model predicts class ``a`` with confidence 0.9, except
@@ -37,11 +37,13 @@ class FakeCrosssim:
         trained_on = json.loads(Path(argv[argv.index("--checkpoint") + 1]).read_text())["sites"]
         perfect = any(site.endswith("/s2") for site in trained_on)
         rows = [[path, label if perfect else "a", "0.900000", "0.9", "0.1"] for path, label in TARGET]
-        write_csv(out / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
         metrics = {"label_free": {"n_images": len(TARGET), "atc_threshold": 0.5, "atc_estimated_accuracy": 0.75}}
         if "--labels" in argv:
             metrics["labeled"] = {"accuracy": 1.0 if perfect else 0.5, "balanced_accuracy": 1.0 if perfect else 0.5}
-        (out / "metrics.json").write_text(json.dumps(metrics))
+        for folder in evaluate_out_dirs(argv).values():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_csv(folder / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
+            (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
 def run(tmp_path: Path, crosssim: FakeCrosssim, seeds=(0,), protocol: acc.Protocol = TINY, **kwargs) -> dict:
@@ -133,16 +135,16 @@ def test_run_suite_records_every_method_and_skips_finished_work(tmp_path: Path) 
     assert json.loads(path.read_text())["runs"] == doc["runs"]
     assert set(doc["runs"]) == {"0", "1"} and all(set(r) == set(acc.METHODS) for r in doc["runs"].values())
     record = doc["runs"]["0"]
-    # local-only: three trainings, each evaluated once per adaptation; s2's model is perfect, the others 0.5
+    # local-only: three trainings, each evaluated once with every adaptation; s2's model is perfect, the others 0.5
     local_commands = record["local-only"]["commands"]
-    assert len(local_commands) == 3 * (1 + len(acc.ADAPTS)) and all(c.startswith("crosssim ") for c in local_commands)
+    assert len(local_commands) == 3 * 2 and all(c.startswith("crosssim ") for c in local_commands)
     assert record["local-only"]["figures"]["none"]["accuracy"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
     assert record["local-only"]["figures"]["tent"]["atc_abs_error"] == pytest.approx((0.25 + 0.25 + 0.25) / 3)
     assert set(record["local-only"]["per_source"]) == {"s1", "s2", "s3"}
     assert record["pooled"]["figures"]["adabn"]["accuracy"] == 1.0  # trained on s1, s2, s3
     pooled_commands = record["pooled"]["commands"]
     assert pooled_commands[0].startswith("crosssim train --sites ") and "strategy=fedavg" in pooled_commands[0]
-    assert any("--adapt tent --set tent-steps=3" in c for c in pooled_commands)
+    assert any(f"--adapt {' '.join(acc.ADAPTS)} --set tent-steps=3" in c for c in pooled_commands)
     simulate = record["crosssim-contrastive"]["commands"][0]
     assert "simulate" in simulate and "similarity=contrastive" in simulate and "--rounds 2" in simulate
     assert "--seed 0" in simulate and "classes=a,b" in simulate
@@ -160,7 +162,7 @@ def test_run_suite_records_every_method_and_skips_finished_work(tmp_path: Path) 
     run(tmp_path, fake, seeds=(0, 1), resume=True)  # everything is in the results file: nothing runs again
     assert len(fake.calls) == calls
     run(tmp_path, fake, seeds=(0, 1, 2), methods=["pooled"], resume=True)  # only the new (seed, method) runs
-    per_method = 1 + len(acc.ADAPTS)  # one training, one evaluation per adaptation
+    per_method = 2  # one training, one evaluation of every adaptation
     assert len(fake.calls) == calls + per_method
     run(tmp_path, fake, seeds=(0,), methods=["pooled"])  # without resume: measured again
     assert len(fake.calls) == calls + 2 * per_method
@@ -197,7 +199,7 @@ def test_a_failed_method_is_recorded_and_retried(tmp_path: Path) -> None:
     assert "simulated failure" in doc["failures"]["0"]["fedprox"]["error"]
     retry = FakeCrosssim()
     doc = run(tmp_path, retry, resume=True)  # only the failed method runs again
-    assert {c[0] for c in retry.calls} == {"simulate", "evaluate"} and len(retry.calls) == 1 + len(acc.ADAPTS)
+    assert {c[0] for c in retry.calls} == {"simulate", "evaluate"} and len(retry.calls) == 2
     assert "fedprox" in doc["runs"]["0"] and not doc["failures"]["0"]
 
 
@@ -253,8 +255,11 @@ def test_results_written_by_the_run_do_not_mark_the_tree_dirty(tmp_path: Path) -
 
 def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
     quick = run_all.bench_steps(run_all.parse_args([]), python="py")
-    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "few_shot.py", "perf.py", "load.py", "serve.py"]
-    assert "--full" not in quick[0] and "--resume" not in quick[0] and quick[2][2] == "--quick"
+    assert [Path(step[1]).name for step in quick] == ["accuracy.py", "few_shot.py"]
+    assert "--full" not in quick[0] and "--resume" not in quick[0]
+    system = run_all.bench_steps(run_all.parse_args(["--system"]), python="py")
+    assert [Path(step[1]).name for step in system] == ["perf.py", "load.py", "serve.py"] and system[0][2] == "--quick"
+    assert run_all.bench_steps(run_all.parse_args(["--system", "--full"]), python="py")[0][2] == "--full"
     assert quick[0][2:4] == ["--seeds", str(acc.DEFAULT_SEEDS)]
     assert quick[0][quick[0].index("--methods") + 1:] == list(acc.BENCH_METHODS)
     few_shot = quick[1]
@@ -268,7 +273,7 @@ def test_make_bench_steps_pass_size_and_resume_to_the_scripts() -> None:
     full = run_all.bench_steps(run_all.parse_args(["--full", "--resume", "--seeds", "2"]), python="py")
     assert full[0][2:] == ["--seeds", "2", "--jobs", str(run_all.BENCH_JOBS), "--full", "--suites",
                            *run_all.FULL_SUITES, "--methods", *acc.BENCH_METHODS, "--resume"]
-    assert full[1][2] == "--full"  # no few-shot step with the longer protocol
+    assert len(full) == 1  # no few-shot step with the longer protocol
     once = run_all.bench_steps(run_all.parse_args(["--full"]), python="py")
     assert once[0][2:4] == ["--seeds", "1"]  # the longer protocol runs once unless --seeds says otherwise
 
@@ -286,11 +291,13 @@ def test_the_estimate_comes_from_recorded_durations_per_suite_and_method(tmp_pat
     per_suite = 10.0 * (len(acc.BENCH_METHODS) - 1) + 30.0  # fedavg: the mean of its two recorded runs
     assert estimate["accuracy.py"] == pytest.approx(per_suite * len(acc.SUITES) * 3 / 2)
     assert estimate["few_shot.py"] == len(run_all.FEW_SHOT_SUITES) * 3 * few_shot.FEW_SHOT_EVAL_SECONDS
-    assert estimate["perf.py"] == run_all.SCRIPT_SECONDS["quick"]["perf.py"]
+    assert set(estimate) == {"accuracy.py", "few_shot.py"}
+    assert run_all.estimate_seconds(run_all.parse_args(["--system"]), tmp_path) == run_all.SCRIPT_SECONDS["quick"]
     ablation = run_all.estimate_seconds(run_all.parse_args(["--ablation", "--seeds", "3", "--jobs", "2"]), tmp_path)
     assert ablation["accuracy.py (ablation)"] == pytest.approx(
         10.0 * len(acc.ABLATION_METHODS) * len(acc.ABLATION_SUITES) * 3 / 2)
-    assert run_all.estimate_line(estimate).startswith(f"make bench: about {sum(estimate.values()) / 60:.0f} min")
+    whole = sum(estimate.values()) / 60
+    assert run_all.estimate_line(estimate).startswith(f"this benchmark run: about {whole:.0f} min")
     unknown = run_all.estimate_seconds(run_all.parse_args(["--full"]), tmp_path)  # no full-protocol runs recorded
     assert unknown["accuracy.py"] is None and "unknown" in run_all.estimate_line(unknown)
 

@@ -71,6 +71,18 @@ def test_save_adapted_without_adaptation_is_a_usage_error(eval_tiny_run, tmp_pat
     assert code == 1 and not (tmp_path / "x.pt").exists()
 
 
+def test_several_adaptations_write_one_folder_each(eval_tiny_run, tmp_path):
+    code = main(["evaluate", "--checkpoint", str(eval_tiny_run.checkpoint), "--data", str(eval_tiny_run.target_dir),
+                 "--out", str(tmp_path), "--cache", str(eval_tiny_run.cache_dir), "--adapt", "none", "adabn", "none"])
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["adabn", "none"]
+    for method in ("none", "adabn"):
+        metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+        assert metrics["adaptation"]["method"] == method and (tmp_path / method / "report.html").exists()
+    code = main(["evaluate", "--checkpoint", str(eval_tiny_run.checkpoint), "--data", str(eval_tiny_run.target_dir),
+                 "--out", str(tmp_path / "x"), "--adapt", "adabn", "tent", "--save-adapted", str(tmp_path / "x.pt")])
+    assert code == 1 and not (tmp_path / "x.pt").exists()
+
+
 def test_atc_interval_covers_the_estimate_and_narrows_with_more_images():
     rng = np.random.default_rng(0)
     source = rng.uniform(0.3, 1.0, 2000)

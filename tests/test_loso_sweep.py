@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import accuracy as acc
 from benchmarks import loso_sweep as sweep
-from tests.bench_fakes import TARGET, TINY, fake_sites, write_csv
+from tests.bench_fakes import TARGET, TINY, evaluate_out_dirs, fake_sites, write_csv
 
 SOURCE_IMAGES = ["images/00000.dcm", "images/00001.dcm"]
 CANDIDATES = {"small": {"lambda-sim": "0"}, "mid": {"lambda-sim": "0.5"}, "large": {"lambda-sim": "2"}}
@@ -35,13 +35,15 @@ class FakeSweepCrosssim:
         lam = json.loads(Path(argv[argv.index("--checkpoint") + 1]).read_text())["lambda"]
         self.label_files.append(argv[argv.index("--labels") + 1])
         on_target = argv[argv.index("--data") + 1].endswith("/target")
-        adabn_bonus = 0.1 if argv[argv.index("--adapt") + 1] == "adabn" else 0.0  # crosssim/auto: no bonus
-        accuracy = 0.5 if on_target else {0.0: 0.6, 0.5: 0.8, 2.0: 0.7}[lam] + adabn_bonus
         rows = [[path, "a", "0.900000", "0.9", "0.1"] for path, _ in TARGET]
-        write_csv(out / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
-        (out / "metrics.json").write_text(json.dumps({
-            "label_free": {"n_images": len(TARGET), "atc_threshold": 0.5, "atc_estimated_accuracy": 0.75},
-            "labeled": {"accuracy": accuracy, "balanced_accuracy": accuracy}}))
+        for adapt, folder in evaluate_out_dirs(argv).items():
+            adabn_bonus = 0.1 if adapt == "adabn" else 0.0  # crosssim/auto: no bonus
+            accuracy = 0.5 if on_target else {0.0: 0.6, 0.5: 0.8, 2.0: 0.7}[lam] + adabn_bonus
+            folder.mkdir(parents=True, exist_ok=True)
+            write_csv(folder / "predictions.csv", ["path", "pred", "confidence", "p_a", "p_b"], rows)
+            (folder / "metrics.json").write_text(json.dumps({
+                "label_free": {"n_images": len(TARGET), "atc_threshold": 0.5, "atc_estimated_accuracy": 0.75},
+                "labeled": {"accuracy": accuracy, "balanced_accuracy": accuracy}}))
 
 
 def test_a_candidate_is_chosen_on_held_out_sources_then_scored_once_on_the_target(tmp_path: Path) -> None:
