@@ -7,6 +7,8 @@ DICOM files, one request at a time:
 - ``pytorch``: in-process, the baseline: DICOM bytes → ``read_image`` → CrossSimNet forward (batch 1);
 - ``onnx-float`` / ``onnx-int8``: in-process ONNX Runtime (``crosssim.served_model``), same preprocessing;
 - the same three ``(model only)``: already preprocessed images, so the model's own share (what int8 can speed up);
+- the same three ``(model only, batch 32)``: 32 preprocessed images a call, as ``POST /v1/predict/batch`` runs them
+  (req/s counts calls);
 - ``http-float`` / ``http-int8``: ``crosssim serve`` subprocesses over loopback, raw application/dicom bodies
   on one keep-alive connection.
 
@@ -35,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.accuracy import environment  # noqa: E402
@@ -56,6 +59,8 @@ REQUEST_TIMEOUT_S = 30.0
 SEARCH_FROM_PORT = 18800
 MS_PER_S = 1000.0
 MODEL_ONLY = " (model only)"  # row suffix: preprocessed images in, no DICOM parsing; compared with PyTorch's alike
+BATCH_IMAGES = 32  # images a call of the batch rows
+MODEL_ONLY_BATCH = f" (model only, batch {BATCH_IMAGES})"
 
 
 def timed(call: Callable[[Any], Any], bodies: Sequence[Any], requests: int) -> dict[str, float]:
@@ -141,12 +146,13 @@ def serve_lines(doc: dict[str, Any]) -> list[str]:
              "| variant | requests/s | p50 ms | p95 ms | req/s vs pytorch | p50 vs pytorch | p95 vs pytorch |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        base = rows.get(f"pytorch{MODEL_ONLY}", rows["pytorch"]) if name.endswith(MODEL_ONLY) else rows["pytorch"]
+        base = rows.get(f"pytorch{name[name.find(' '):]}", rows["pytorch"]) if " " in name else rows["pytorch"]
         lines.append(f"| {name} | {row['requests_per_s']:.1f} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
                      f"{row['requests_per_s'] / base['requests_per_s']:.2f}× | {row['p50_ms'] / base['p50_ms']:.2f}× | "
                      f"{row['p95_ms'] / base['p95_ms']:.2f}× |")
     speeds = [f"{label} {rows[f'onnx-float{suffix}']['p50_ms'] / rows[f'onnx-int8{suffix}']['p50_ms']:.2f}×"
-              for label, suffix in (("model only", MODEL_ONLY), ("whole request in process", ""))
+              for label, suffix in (("model only", MODEL_ONLY), (f"model only, batch {BATCH_IMAGES}", MODEL_ONLY_BATCH),
+                                    ("whole request in process", ""))
               if f"onnx-int8{suffix}" in rows and f"onnx-float{suffix}" in rows]
     if speeds:
         int8 = doc.get("int8", {})
@@ -194,6 +200,12 @@ def main() -> None:
         rows[f"pytorch{MODEL_ONLY}"] = timed(pytorch_call(checkpoint, preprocessed=True), images, args.requests)
         for name, model in models.items():
             rows[f"onnx-{name}{MODEL_ONLY}"] = timed(model.run, images, args.requests)
+        batches = [np.concatenate([images[(start + i) % len(images)] for i in range(BATCH_IMAGES)])
+                   for start in range(0, len(images), BATCH_IMAGES)]
+        rows[f"pytorch{MODEL_ONLY_BATCH}"] = timed(pytorch_call(checkpoint, preprocessed=True), batches,
+                                                   args.requests)
+        for name, model in models.items():
+            rows[f"onnx-{name}{MODEL_ONLY_BATCH}"] = timed(model.run, batches, args.requests)
         for int8 in (False, True):
             name = "http-int8" if int8 else "http-float"
             print(f"timing {name} ...", flush=True)
