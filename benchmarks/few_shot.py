@@ -36,7 +36,7 @@ from crosssim.data.sites import read_labels_csv, write_labels_csv  # noqa: E402
 DEFAULT_SHOTS = (1, 5, 10)
 DEFAULT_METHODS = ("fedavg", "crosssim")
 LABEL_FREE_ADAPT = "auto"  # what the few-shot result is compared with
-FEW_SHOT_EVAL_SECONDS = 90  # one evaluation with k = 5 (elpv, 300 target images, 2 cores): auto + 6 fine-tunes
+FEW_SHOT_EVAL_SECONDS = 40  # one few-shot evaluation (6 fine-tunes), 2 CPU cores: 359 s for 9 in make bench, 2026-12-08
 
 
 def draw_shots(labels: Mapping[str, str], k: int, seed: int) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,7 @@ FEW_SHOT_K = 5
 # Durations of the other scripts for the estimate, as measured on 2 CPU cores (their JSON holds no total).
 SCRIPT_SECONDS = {"quick": {"perf.py": 11 * 60, "load.py": 60, "serve.py": 70},
                   "full": {"perf.py": 30 * 60, "load.py": 60, "serve.py": 70}}
+RECORDED_ROOT = re.compile(r"(?<!\S)/\S*?/(?=runs/bench/)")  # the checkout a recorded command ran in
 EXAMPLE_SEED = "0"  # RESULTS.md lists the crosssim command lines of this seed (other seeds differ in --seed only)
 
 
@@ -93,8 +95,9 @@ def load_accuracy_docs(results_dir: Path) -> list[dict[str, Any]]:
 
 
 def _relative(command: str) -> str:
-    """A recorded command line with the repository root left out (the commands run from it)."""
-    return command.replace(f"{REPO_ROOT}/", "")
+    """A recorded command line with the repository root left out (the commands run from it), also when it ran in
+    another checkout (a clean clone): any absolute folder before the default work folder ``runs/bench/``."""
+    return RECORDED_ROOT.sub("", command.replace(f"{REPO_ROOT}/", ""))
 
 
 def _records(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -141,7 +144,7 @@ def paired_table(docs: Sequence[Mapping[str, Any]], method_a: str = "crosssim", 
             if paired is None:
                 continue
             p = "–" if paired.sign_test_p is None else f"{paired.sign_test_p:.2f}"
-            lines.append(f"| {doc.get('suite', '?')} | {ADAPT_LABELS[adapt]} | {paired.stat.n} | "
+            lines.append(f"| {suite_label(doc)} | {ADAPT_LABELS[adapt]} | {paired.stat.n} | "
                          f"{format_stat(paired.stat)} | {paired.wins} / {paired.losses} | {p} |")
     return "\n".join(lines)
 
@@ -365,9 +368,11 @@ def render_results_md(docs: Sequence[Mapping[str, Any]], *, load: Mapping[str, A
             out += [f"### {doc.get('study', '?')} on {doc.get('suite', '?')}", "", f"Candidates: {candidates}.", "",
                     sweep_table(doc), ""]
     if few_shot_docs:
-        out += ["## Few-shot adaptation at the target (`benchmarks/few_shot.py`, not part of `make bench`)", "",
+        out += ["## Few-shot adaptation at the target (`benchmarks/few_shot.py`)", "",
                 "k labeled target images per class (drawn per seed); few-shot and label-free `auto` accuracy on "
-                "the other target images, side by side.", "",
+                f"the other target images, side by side. `make bench` measures k = {FEW_SHOT_K} for "
+                f"{', '.join(FEW_SHOT_METHODS)} on {', '.join(FEW_SHOT_SUITES)} again; the other rows are earlier "
+                "runs of `benchmarks/few_shot.py` (date and commit per record in the JSON).", "",
                 *_image(plots, FEW_SHOT_PLOT, "few-shot accuracy vs shots per class"),
                 *[few_shot_table(doc) for doc in few_shot_docs], ""]
     if other_files:

@@ -322,3 +322,10 @@ def test_oracle_table_counts_its_target_labels_and_sets_every_method_on_the_same
     lines = run_all.oracle_table([doc, {"suite": "no-oracle", "runs": {"0": {}}}]).splitlines()
     assert lines[2] == "| synthetic | 60 | 0.500 ± 0.141 | – | 0.600 ± 0.141 | – |"
     assert len(lines) == 3  # a suite without an oracle run has no row
+
+
+def test_recorded_commands_are_shown_relative_to_the_checkout_they_ran_in() -> None:
+    command = (f"crosssim evaluate --checkpoint /tmp/clone/runs/bench/quick/x.pt "
+               f"--data {run_all.REPO_ROOT}/runs/bench/d --out runs/bench/o --set note=/abs/kept")
+    assert run_all._relative(command) == ("crosssim evaluate --checkpoint runs/bench/quick/x.pt --data runs/bench/d "
+                                          "--out runs/bench/o --set note=/abs/kept")
