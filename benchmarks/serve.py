@@ -146,13 +146,14 @@ def serve_lines(doc: dict[str, Any]) -> list[str]:
              "| variant | requests/s | p50 ms | p95 ms | req/s vs pytorch | p50 vs pytorch | p95 vs pytorch |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        base = rows.get(f"pytorch{name[name.find(' '):]}", rows["pytorch"]) if " " in name else rows["pytorch"]
+        kind = name[name.find(" "):] if " " in name else ""  # "" or a suffix such as MODEL_ONLY
+        base = rows.get(f"pytorch{kind}", rows["pytorch"])
         lines.append(f"| {name} | {row['requests_per_s']:.1f} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
                      f"{row['requests_per_s'] / base['requests_per_s']:.2f}× | {row['p50_ms'] / base['p50_ms']:.2f}× | "
                      f"{row['p95_ms'] / base['p95_ms']:.2f}× |")
-    speeds = [f"{label} {rows[f'onnx-float{suffix}']['p50_ms'] / rows[f'onnx-int8{suffix}']['p50_ms']:.2f}×"
-              for label, suffix in (("model only", MODEL_ONLY), (f"model only, batch {BATCH_IMAGES}", MODEL_ONLY_BATCH),
-                                    ("whole request in process", ""))
+    speeds = [f"{suffix.strip(' ()') or 'whole request in process'} "
+              f"{rows[f'onnx-float{suffix}']['p50_ms'] / rows[f'onnx-int8{suffix}']['p50_ms']:.2f}×"
+              for suffix in (MODEL_ONLY, MODEL_ONLY_BATCH, "")
               if f"onnx-int8{suffix}" in rows and f"onnx-float{suffix}" in rows]
     if speeds:
         int8 = doc.get("int8", {})
